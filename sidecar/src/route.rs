@@ -1,0 +1,347 @@
+//! A route as the request path sees it: the resolved [`Route`] config plus the live
+//! state of its endpoints (load, outlier ejection, health, reported load). Endpoint
+//! state is kept across config reloads by address, so a reload neither forgets an
+//! ejection nor resets the latency estimates.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use http::uri::Authority;
+use rand::Rng;
+use trimtab_api::{
+    balancer_policy::{Algorithm, EndpointState},
+    sidecar_config::{self, Route},
+};
+
+use crate::{
+    balancer::{Balance, Balancer, EndpointLoad, Target, weights::LoadReport},
+    forward::HttpClient,
+    metrics::{EndpointMetrics, Metrics, RouteMetrics},
+    outlier::{self, OutlierState},
+};
+
+/// Milliseconds since the process started: the clock of ejections and samples.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// One backend and everything the sidecar has learnt about it.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// `host:port`.
+    pub address: String,
+    /// The address as a URI authority, for the upstream request.
+    pub authority: Authority,
+    /// Load signals the balancer reads.
+    pub load: EndpointLoad,
+    /// Passive health.
+    pub outlier: OutlierState,
+    /// Active health: false after `unhealthyThreshold` failed probes.
+    healthy: AtomicBool,
+    /// Consecutive probe results, positive for passes and negative for failures.
+    pub probe_streak: std::sync::atomic::AtomicI32,
+    /// The config's weight and state (set on every reload).
+    config_weight: AtomicU32,
+    config_state: AtomicU8,
+    /// cpuWeighted's load state (Active, Throttled, Ejected).
+    load_state: AtomicU8,
+    /// Latest ORCA report: utilization, qps and eps as `f64` bits, and when.
+    orca_utilization: AtomicU64,
+    orca_qps: AtomicU64,
+    orca_eps: AtomicU64,
+    orca_at_ms: AtomicU64,
+    /// Responses and 5xx/failed responses seen, for qps and error rate when the
+    /// endpoint reports no rps itself.
+    pub responses: AtomicU64,
+    /// Failures (5xx or no response).
+    pub failures: AtomicU64,
+    /// When it joined (slow start); `None` for endpoints of the first config.
+    joined: Option<Instant>,
+    /// Metric children.
+    pub metrics: EndpointMetrics,
+}
+
+impl Target for Endpoint {
+    fn load(&self) -> &EndpointLoad {
+        &self.load
+    }
+}
+
+fn state_code(s: EndpointState) -> u8 {
+    match s {
+        EndpointState::Active => 0,
+        EndpointState::Throttled => 1,
+        EndpointState::Ejected => 2,
+        EndpointState::Unhealthy => 3,
+    }
+}
+
+fn state_from(code: u8) -> EndpointState {
+    match code {
+        1 => EndpointState::Throttled,
+        2 => EndpointState::Ejected,
+        3 => EndpointState::Unhealthy,
+        _ => EndpointState::Active,
+    }
+}
+
+impl Endpoint {
+    fn new(config: &sidecar_config::Endpoint, route_id: &str, origin: Instant, joined: Option<Instant>, metrics: &Metrics) -> Option<Self> {
+        let authority: Authority = config.address.parse().ok()?;
+        Some(Self {
+            address: config.address.clone(),
+            authority,
+            load: EndpointLoad::new_at(config.weight, origin),
+            outlier: OutlierState::default(),
+            healthy: AtomicBool::new(true),
+            probe_streak: Default::default(),
+            config_weight: AtomicU32::new(config.weight),
+            config_state: AtomicU8::new(state_code(config.state)),
+            load_state: AtomicU8::new(state_code(EndpointState::Active)),
+            orca_utilization: AtomicU64::new(0),
+            orca_qps: AtomicU64::new(0),
+            orca_eps: AtomicU64::new(0),
+            orca_at_ms: AtomicU64::new(0),
+            responses: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            joined,
+            metrics: metrics.endpoint(route_id, &config.address),
+        })
+    }
+
+    /// Whether active health checks currently pass (always true without them).
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Sets the active health result.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// The config's state for this endpoint.
+    pub fn config_state(&self) -> EndpointState {
+        state_from(self.config_state.load(Ordering::Relaxed))
+    }
+
+    /// The config's weight.
+    pub fn config_weight(&self) -> u32 {
+        self.config_weight.load(Ordering::Relaxed)
+    }
+
+    /// cpuWeighted's live load state.
+    pub fn load_state(&self) -> EndpointState {
+        state_from(self.load_state.load(Ordering::Relaxed))
+    }
+
+    /// Sets cpuWeighted's live load state.
+    pub fn set_load_state(&self, state: EndpointState) {
+        self.load_state.store(state_code(state), Ordering::Relaxed);
+    }
+
+    /// The state as reported in metrics and status: the worst of config, health,
+    /// ejection and load.
+    pub fn effective_state(&self, now_ms: u64) -> EndpointState {
+        let config = self.config_state();
+        if config == EndpointState::Unhealthy || !self.is_healthy() {
+            EndpointState::Unhealthy
+        } else if config == EndpointState::Ejected || self.outlier.is_ejected(now_ms) || self.load_state() == EndpointState::Ejected {
+            EndpointState::Ejected
+        } else if config == EndpointState::Throttled || self.load_state() == EndpointState::Throttled {
+            EndpointState::Throttled
+        } else {
+            EndpointState::Active
+        }
+    }
+
+    /// Whether the endpoint may receive traffic now.
+    pub fn is_usable(&self, now_ms: u64) -> bool {
+        matches!(self.effective_state(now_ms), EndpointState::Active | EndpointState::Throttled)
+    }
+
+    /// Records an ORCA load report from a response.
+    pub fn record_load_report(&self, report: &LoadReport, now_ms: u64) {
+        self.orca_utilization.store(report.utilization().to_bits(), Ordering::Relaxed);
+        self.orca_qps.store(report.rps_fractional.to_bits(), Ordering::Relaxed);
+        self.orca_eps.store(report.eps.to_bits(), Ordering::Relaxed);
+        self.orca_at_ms.store(now_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// The latest load report as (utilization, qps, eps, at_ms); at_ms 0 means none yet.
+    pub fn latest_load_report(&self) -> (f64, f64, f64, u64) {
+        (
+            f64::from_bits(self.orca_utilization.load(Ordering::Relaxed)),
+            f64::from_bits(self.orca_qps.load(Ordering::Relaxed)),
+            f64::from_bits(self.orca_eps.load(Ordering::Relaxed)),
+            self.orca_at_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Slow start: the share of its full traffic a new endpoint gets, rising linearly
+    /// from 0 to 1 over `window` (Envoy's slow_start_config with aggression 1.0).
+    pub fn slow_start_factor(&self, window: Duration, now: Instant) -> f64 {
+        match self.joined {
+            Some(joined) if !window.is_zero() => (now.saturating_duration_since(joined).as_secs_f64() / window.as_secs_f64()).min(1.0),
+            _ => 1.0,
+        }
+    }
+
+    fn reconfigure(&self, config: &sidecar_config::Endpoint, algorithm: Algorithm) {
+        self.config_weight.store(config.weight, Ordering::Relaxed);
+        self.config_state.store(state_code(config.state), Ordering::Relaxed);
+        if algorithm != Algorithm::CpuWeighted {
+            self.load.set_weight(config.weight);
+        }
+    }
+}
+
+/// Why no endpoint could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoEndpoint {
+    /// The route has no endpoints, or none is usable (and panic mode found none either).
+    NoneUsable {
+        /// Endpoints configured.
+        total: usize,
+    },
+    /// Every usable endpoint is at `limits.maxConcurrentRequests`.
+    Saturated {
+        /// Endpoints at the limit.
+        usable: usize,
+        /// The limit.
+        limit: u32,
+    },
+}
+
+/// One route being served.
+#[derive(Debug)]
+pub struct RouteRuntime {
+    /// The resolved config.
+    pub config: Route,
+    /// `namespace/name`.
+    pub id: String,
+    /// Endpoints, in config order.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// The strategy.
+    pub balancer: Balancer,
+    /// The pooled client for this route's connect timeout.
+    pub client: HttpClient,
+    /// Requests in flight.
+    pub active: AtomicU64,
+    /// Retries in flight (the retry budget's numerator).
+    pub active_retries: AtomicU64,
+    /// Set when a newer config replaced this route: its background tasks stop.
+    pub retired: AtomicBool,
+    /// Metric children.
+    pub metrics: RouteMetrics,
+    /// When this route generation was built.
+    pub built: Instant,
+}
+
+impl RouteRuntime {
+    /// Builds the runtime of `config`, reusing the state of endpoints that `previous`
+    /// (the same listener's route in the running config) already had.
+    pub fn build(config: Route, previous: Option<&RouteRuntime>, client: HttpClient, metrics: &Metrics) -> Self {
+        let id = config.id();
+        let origin = previous.map_or_else(Instant::now, |p| p.built);
+        let now = Instant::now();
+        let known: HashMap<&str, &Arc<Endpoint>> = previous
+            .filter(|p| p.id == id)
+            .map(|p| p.endpoints.iter().map(|e| (e.address.as_str(), e)).collect())
+            .unwrap_or_default();
+        let joined = previous.map(|_| now);
+        let endpoints: Vec<Arc<Endpoint>> = config
+            .endpoints
+            .iter()
+            .filter_map(|e| match known.get(e.address.as_str()) {
+                Some(existing) => {
+                    existing.reconfigure(e, config.algorithm);
+                    Some(Arc::clone(existing))
+                }
+                // `validate` admitted only host:port, which is always a valid authority.
+                None => Endpoint::new(e, &id, origin, joined, metrics).map(Arc::new),
+            })
+            .collect();
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.load.weight()).collect();
+        Self {
+            balancer: Balancer::new(config.algorithm, &weights),
+            metrics: metrics.route(&id),
+            id,
+            endpoints,
+            client,
+            active: AtomicU64::new(0),
+            active_retries: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            config,
+            built: origin,
+        }
+    }
+
+    /// The endpoints usable now, or all of them in panic mode.
+    pub fn eligible(&self, now_ms: u64) -> Vec<usize> {
+        let usable: Vec<usize> = (0..self.endpoints.len()).filter(|&i| self.endpoints[i].is_usable(now_ms)).collect();
+        if outlier::in_panic(usable.len(), self.endpoints.len(), self.config.outlier_detection.panic_threshold_percent) {
+            return (0..self.endpoints.len()).collect();
+        }
+        usable
+    }
+
+    /// Chooses an endpoint, avoiding `tried` when any other is eligible, skipping
+    /// endpoints at `limits.maxConcurrentRequests`, and holding back endpoints in slow
+    /// start.
+    pub fn pick<R: Rng + ?Sized>(&self, tried: &[usize], rng: &mut R) -> Result<usize, NoEndpoint> {
+        let now_ms = now_ms();
+        let mut eligible = self.eligible(now_ms);
+        if eligible.is_empty() {
+            return Err(NoEndpoint::NoneUsable {
+                total: self.endpoints.len(),
+            });
+        }
+        let limit = self.config.limits.max_concurrent_requests;
+        let usable = eligible.len();
+        eligible.retain(|&i| self.endpoints[i].load.active() < limit);
+        if eligible.is_empty() {
+            return Err(NoEndpoint::Saturated { usable, limit });
+        }
+        if eligible.iter().any(|i| !tried.contains(i)) {
+            eligible.retain(|i| !tried.contains(i));
+        }
+        let choice = self
+            .balancer
+            .pick(&self.endpoints, &eligible, rng)
+            .ok_or(NoEndpoint::NoneUsable { total: self.endpoints.len() })?;
+        let factor = self.endpoints[choice].slow_start_factor(self.config.limits.slow_start.get(), Instant::now());
+        if factor < 1.0 && eligible.len() > 1 && rng.random::<f64>() >= factor {
+            eligible.retain(|&i| i != choice);
+            return Ok(self.balancer.pick(&self.endpoints, &eligible, rng).unwrap_or(choice));
+        }
+        Ok(choice)
+    }
+
+    /// Records a finished attempt for outlier detection; returns the ejection time if
+    /// it ejected the endpoint.
+    pub fn record_outcome(&self, index: usize, outcome: outlier::Outcome) -> Option<Duration> {
+        let now = now_ms();
+        let endpoint = &self.endpoints[index];
+        endpoint.responses.fetch_add(1, Ordering::Relaxed);
+        if outcome == outlier::Outcome::Failure {
+            endpoint.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let ejected_now = self.endpoints.iter().filter(|e| e.outlier.is_ejected(now)).count();
+        let ejected = endpoint
+            .outlier
+            .record(outcome, now, ejected_now, self.endpoints.len(), &self.config.outlier_detection);
+        if let Some(duration) = ejected {
+            endpoint.metrics.ejections.inc();
+            tracing::warn!(route = %self.id, endpoint = %endpoint.address, ?duration, "endpoint ejected by outlier detection");
+        }
+        ejected
+    }
+}
