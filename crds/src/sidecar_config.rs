@@ -218,22 +218,11 @@ impl Route {
                 uses,
             });
         };
-        let route = Self {
-            endpoints: addresses
-                .iter()
-                .map(|a| Endpoint::new(a.0.clone()))
-                .collect(),
-            namespace,
-            name,
-            listener: spec.listener.clone(),
-            algorithm: spec.algorithm,
-            weighting: spec.weighting.clone().unwrap_or_default(),
-            health_check: spec.health_check.clone(),
-            outlier_detection: spec.outlier_detection.clone(),
-            retries: spec.retries.clone(),
-            timeouts: spec.timeouts.clone(),
-            limits: spec.limits.clone(),
-        };
+        let endpoints = addresses
+            .iter()
+            .map(|a| Endpoint::new(a.0.clone()))
+            .collect();
+        let route = Self::resolved(policy, &namespace, endpoints);
         route
             .validate_at("spec", 0)
             .map_err(|source| FromPolicyError::Invalid {
@@ -241,6 +230,26 @@ impl Route {
                 source,
             })?;
         Ok(route)
+    }
+
+    /// The route of `policy` (in `namespace`) with `endpoints` resolved by whoever
+    /// resolved them: the static list here, the operator's EndpointSlice watch in a
+    /// cluster. Every other setting comes from the spec with its defaults.
+    pub fn resolved(policy: &BalancerPolicy, namespace: &str, endpoints: Vec<Endpoint>) -> Self {
+        let spec = &policy.spec;
+        Self {
+            namespace: namespace.to_owned(),
+            name: policy.metadata.name.clone().unwrap_or_default(),
+            listener: spec.listener.clone(),
+            algorithm: spec.algorithm,
+            endpoints,
+            weighting: spec.weighting.clone().unwrap_or_default(),
+            health_check: spec.health_check.clone(),
+            outlier_detection: spec.outlier_detection.clone(),
+            retries: spec.retries.clone(),
+            timeouts: spec.timeouts.clone(),
+            limits: spec.limits.clone(),
+        }
     }
 
     /// `namespace/name`, the route's name in logs and metrics.
@@ -620,7 +629,7 @@ spec:
   listener: {port: 15001}
   endpoints: ["127.0.0.1:18081", "127.0.0.1:18082"]
   algorithm: peakEwma
-  retries: {attempts: 1, on: [connect-failure, reset, gateway-error]}
+  retries: {attempts: 1, retryOn: [connect-failure, reset, gateway-error]}
 "#;
         let policy: BalancerPolicy = serde_yaml_ng::from_str(yaml).expect("valid policy");
         let route = Route::from_policy(&policy).expect("static policy resolves");

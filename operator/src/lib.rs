@@ -1,2 +1,13 @@
-//! The Trimtab operator. Its controllers arrive with the BalancerPolicy and LoadTest controller work.
+//! The Trimtab operator: the BalancerPolicy controller that turns policies plus live
+//! pod CPU into endpoint weights, the index the sidecars' config is served from, and
+//! the operator's own admin server.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod balancer_policy;
+pub mod conditions;
+pub mod index;
+pub mod metrics;
+pub mod metrics_source;
+pub mod quantity;
+pub mod weights;

@@ -1,0 +1,243 @@
+//! The BalancerPolicy controller against a real kube-apiserver: Services, EndpointSlices
+//! and Pods created by the test (there is no kubelet), the controller running in-process.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::events::Reporter,
+};
+use serde_json::json;
+use trimtab_api::{
+    BalancerPolicy,
+    balancer_policy::{BalancerPolicyStatus, EndpointState},
+};
+use trimtab_operator::{balancer_policy, index::PolicyIndex, metrics::Metrics};
+use trimtab_tests::{cluster::TestCluster, crds};
+
+const NS: &str = "shop";
+
+async fn create<K>(client: &Client, value: serde_json::Value) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(value).expect("valid object");
+    Api::<K>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("created")
+}
+
+async fn start() -> (TestCluster, Client, PolicyIndex) {
+    let cluster = TestCluster::start().await.expect("cluster starts");
+    crds::install(&cluster).await.expect("CRDs install");
+    cluster.ensure_namespace(NS).await.expect("namespace");
+    let client = cluster.client();
+    let index = PolicyIndex::default();
+    let metrics = Metrics::register(&prometheus::Registry::new()).expect("metrics");
+    let reporter = Reporter {
+        controller: "trimtab-operator".into(),
+        instance: Some("test".into()),
+    };
+    tokio::spawn(balancer_policy::run(
+        client.clone(),
+        index.clone(),
+        metrics.controller("balancerpolicy"),
+        reporter,
+    ));
+    (cluster, client, index)
+}
+
+/// Polls the policy's status until `done` holds, or fails with the last status seen.
+async fn wait_for_status(
+    client: &Client,
+    name: &str,
+    done: impl Fn(&BalancerPolicyStatus) -> bool,
+) -> BalancerPolicyStatus {
+    let api = Api::<BalancerPolicy>::namespaced(client.clone(), NS);
+    let mut last = None;
+    for _ in 0..300 {
+        if let Some(status) = api.get(name).await.expect("policy readable").status {
+            if done(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("status of {name} never reached the expected state; last: {last:#?}");
+}
+
+fn condition<'a>(status: &'a BalancerPolicyStatus, type_: &str) -> Option<(&'a str, &'a str)> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+#[tokio::test]
+async fn service_policy_publishes_ready_endpoints_and_follows_endpoint_slices() {
+    let (_cluster, client, index) = start().await;
+    create::<Service>(
+        &client,
+        json!({
+            "metadata": {"name": "inventory"},
+            "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": 9090}]},
+        }),
+    )
+    .await;
+    for (name, cpu) in [("inv-1", "500m"), ("inv-2", "1"), ("inv-3", "1")] {
+        create::<Pod>(&client, json!({
+            "metadata": {"name": name, "labels": {"app": "inventory"}},
+            "spec": {"containers": [{"name": "app", "image": "inventory", "resources": {"requests": {"cpu": cpu}}}]},
+        }))
+        .await;
+    }
+    let slice = |inv3_ready: bool| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "inventory-abc", "labels": {"kubernetes.io/service-name": "inventory"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 9090, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "inv-1", "namespace": NS}},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": "inv-2", "namespace": NS}},
+                {"addresses": ["10.1.0.3"], "conditions": {"ready": inv3_ready}, "targetRef": {"kind": "Pod", "name": "inv-3", "namespace": NS}},
+            ],
+        })
+    };
+    create::<EndpointSlice>(&client, slice(false)).await;
+    create::<BalancerPolicy>(
+        &client,
+        json!({
+            "apiVersion": "trimtab.dev/v1alpha1", "kind": "BalancerPolicy",
+            "metadata": {"name": "inventory"},
+            "spec": {
+                "clients": {"podSelector": {"matchLabels": {"app": "storefront"}}},
+                "listener": {"port": 15001},
+                "service": {"name": "inventory", "port": 8080},
+                "algorithm": "cpuWeighted",
+            },
+        }),
+    )
+    .await;
+
+    // No metrics-server in the test cluster: the policy is Ready with equal weights and
+    // says it is Degraded because metrics are unavailable — it never zeroes the fleet.
+    let status = wait_for_status(&client, "inventory", |s| {
+        s.observed_generation == Some(1) && s.endpoints.len() == 3
+    })
+    .await;
+    assert_eq!(
+        condition(&status, "Ready"),
+        Some(("True", "WeightsApplied")),
+        "{status:#?}"
+    );
+    assert_eq!(
+        condition(&status, "Degraded"),
+        Some(("True", "MetricsUnavailable")),
+        "{status:#?}"
+    );
+    assert_eq!(status.active_endpoints, Some(2));
+    let by_address: BTreeMap<_, _> = status
+        .endpoints
+        .iter()
+        .map(|e| (e.address.as_str(), e))
+        .collect();
+    assert_eq!(by_address["10.1.0.3:9090"].state, EndpointState::Unhealthy);
+    assert_eq!(by_address["10.1.0.3:9090"].weight, 0);
+    assert_eq!(by_address["10.1.0.1:9090"].state, EndpointState::Active);
+    assert!(by_address["10.1.0.1:9090"].weight > 0);
+    assert_eq!(
+        by_address["10.1.0.1:9090"].weight,
+        by_address["10.1.0.2:9090"].weight
+    );
+    assert_eq!(by_address["10.1.0.1:9090"].pod.as_deref(), Some("inv-1"));
+    let version = status
+        .config_version
+        .expect("a config version is published");
+
+    // The index serves the route to matching client pods only.
+    let storefront = BTreeMap::from([("app".to_owned(), "storefront".to_owned())]);
+    let config = index.config_for(NS, &storefront);
+    assert_eq!(config.routes.len(), 1);
+    assert_eq!(config.routes[0].listener.port, 15001);
+    assert_eq!(config.routes[0].endpoints.len(), 3);
+    let other = BTreeMap::from([("app".to_owned(), "other".to_owned())]);
+    assert!(index.config_for(NS, &other).routes.is_empty());
+    assert!(index.config_for("elsewhere", &storefront).routes.is_empty());
+
+    // An endpoint becoming ready is picked up from the EndpointSlice watch.
+    Api::<EndpointSlice>::namespaced(client.clone(), NS)
+        .patch(
+            "inventory-abc",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(slice(true)),
+        )
+        .await
+        .expect("slice updated");
+    let status = wait_for_status(&client, "inventory", |s| s.active_endpoints == Some(3)).await;
+    assert!(
+        status.config_version.expect("version") > version,
+        "config version only increases"
+    );
+    assert_eq!(
+        index.config_for(NS, &storefront).routes[0]
+            .endpoints
+            .iter()
+            .filter(|e| e.weight > 0)
+            .count(),
+        3
+    );
+
+    // Deleting the policy withdraws its route.
+    Api::<BalancerPolicy>::namespaced(client.clone(), NS)
+        .delete("inventory", &DeleteParams::default())
+        .await
+        .expect("deleted");
+    for _ in 0..100 {
+        if index.config_for(NS, &storefront).routes.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the deleted policy's route is still served");
+}
+
+#[tokio::test]
+async fn policy_over_a_missing_service_is_not_ready_and_names_it() {
+    let (_cluster, client, index) = start().await;
+    create::<BalancerPolicy>(&client, json!({
+        "apiVersion": "trimtab.dev/v1alpha1", "kind": "BalancerPolicy",
+        "metadata": {"name": "ghost"},
+        "spec": {"clients": {"podSelector": {}}, "listener": {"port": 15002}, "service": {"name": "ghost", "port": 80}},
+    }))
+    .await;
+    let status = wait_for_status(&client, "ghost", |s| s.observed_generation == Some(1)).await;
+    assert_eq!(
+        condition(&status, "Ready"),
+        Some(("False", "ServiceNotFound")),
+        "{status:#?}"
+    );
+    let message = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready")
+        .message;
+    assert!(
+        message.contains("Service shop/ghost not found"),
+        "{message}"
+    );
+    assert!(index.config_for(NS, &BTreeMap::new()).routes.is_empty());
+}
