@@ -333,7 +333,8 @@ pub struct PrometheusSource {
     #[schemars(regex(pattern = r"^https?://"))]
     pub url: String,
     /// An instant query returning CPU cores in use, one series per pod with a `pod`
-    /// label. Utilization is this divided by the pod's CPU requests.
+    /// label; `$namespace` is replaced by the policy's namespace. Utilization is this
+    /// divided by the pod's CPU requests.
     #[serde(default = "defaults::prometheus_query")]
     #[schemars(length(min = 1, max = 4096))]
     pub query: String,

@@ -5,3 +5,4 @@
 
 pub mod cluster;
 pub mod crds;
+pub mod prometheus_server;

@@ -241,3 +241,102 @@ async fn policy_over_a_missing_service_is_not_ready_and_names_it() {
     );
     assert!(index.config_for(NS, &BTreeMap::new()).routes.is_empty());
 }
+
+#[tokio::test]
+async fn cpu_from_a_real_prometheus_sets_the_weights_and_follows_a_change() {
+    use trimtab_tests::prometheus_server::{CpuExporter, Prometheus};
+
+    let (exporter, exporter_addr) = CpuExporter::start().await.expect("exporter starts");
+    // Two backends with equal CPU requests; inv-b burns four times the CPU of inv-a.
+    exporter.set_cores(NS, "inv-a", 0.2);
+    exporter.set_cores(NS, "inv-b", 0.8);
+    let prometheus = Prometheus::start(exporter_addr)
+        .await
+        .expect("prometheus starts");
+
+    let (_cluster, client, _index) = start().await;
+    create::<Service>(
+        &client,
+        json!({
+            "metadata": {"name": "inventory"},
+            "spec": {"ports": [{"name": "http", "port": 8080}]},
+        }),
+    )
+    .await;
+    for name in ["inv-a", "inv-b"] {
+        create::<Pod>(&client, json!({
+            "metadata": {"name": name},
+            "spec": {"containers": [{"name": "app", "image": "inventory", "resources": {"requests": {"cpu": "1"}}}]},
+        }))
+        .await;
+    }
+    create::<EndpointSlice>(&client, json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "inventory-1", "labels": {"kubernetes.io/service-name": "inventory"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [
+            {"addresses": ["10.1.0.1"], "targetRef": {"kind": "Pod", "name": "inv-a", "namespace": NS}},
+            {"addresses": ["10.1.0.2"], "targetRef": {"kind": "Pod", "name": "inv-b", "namespace": NS}},
+        ],
+    }))
+    .await;
+    create::<BalancerPolicy>(&client, json!({
+        "apiVersion": "trimtab.dev/v1alpha1", "kind": "BalancerPolicy",
+        "metadata": {"name": "inventory"},
+        "spec": {
+            "clients": {"podSelector": {}},
+            "listener": {"port": 15001},
+            "service": {"name": "inventory", "port": 8080},
+            "algorithm": "cpuWeighted",
+            "weighting": {
+                "source": "prometheus",
+                "prometheus": {
+                    "url": prometheus.url(),
+                    "query": "sum by (pod) (rate(container_cpu_usage_seconds_total{namespace=\"$namespace\",container!=\"\"}[5s]))",
+                },
+                "interval": "1s",
+                "smoothing": 1.0,
+                "maxStepChange": 10,
+                "maxLoad": 0.9,
+                "criticalLoad": 0.98,
+            },
+        },
+    }))
+    .await;
+
+    let weight = |s: &BalancerPolicyStatus, pod: &str| {
+        s.endpoints
+            .iter()
+            .find(|e| e.pod.as_deref() == Some(pod))
+            .map(|e| (e.weight, e.utilization))
+    };
+    // The busier pod gets the smaller weight, from CPU the controller read through
+    // Prometheus (usage ÷ requests).
+    let status = wait_for_status(&client, "inventory", |s| {
+        matches!((weight(s, "inv-a"), weight(s, "inv-b")), (Some((a, Some(_))), Some((b, Some(_)))) if a > 2 * b)
+    })
+    .await;
+    assert_eq!(
+        condition(&status, "Degraded"),
+        Some(("False", "AsExpected")),
+        "{status:#?}"
+    );
+    // Utilization is usage ÷ requests (both request 1 core); a 5s rate that has just
+    // started is approximate, so compare the two rather than pin values.
+    let utilization = |pod| {
+        weight(&status, pod)
+            .and_then(|(_, u)| u)
+            .expect("utilization")
+    };
+    let (a, b) = (utilization("inv-a"), utilization("inv-b"));
+    assert!(b > 2.0 * a && b <= 1.0, "utilizations inv-a {a}, inv-b {b}");
+
+    // inv-b calms down: its weight climbs past inv-a's.
+    exporter.set_cores(NS, "inv-b", 0.05);
+    let status = wait_for_status(&client, "inventory", |s| {
+        matches!((weight(s, "inv-a"), weight(s, "inv-b")), (Some((a, _)), Some((b, _))) if b > a)
+    })
+    .await;
+    assert!(status.balance_score.is_some(), "{status:#?}");
+}
