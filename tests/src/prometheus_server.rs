@@ -126,8 +126,22 @@ impl Drop for Prometheus {
 /// sets: each counter grows at its pod's rate, as cAdvisor's does.
 #[derive(Clone, Debug, Default)]
 pub struct CpuExporter {
-    /// Per pod: (namespace, cores now, counter value at `since`, since).
-    pods: Arc<Mutex<BTreeMap<String, (String, f64, f64, Instant)>>>,
+    pods: Arc<Mutex<BTreeMap<String, PodCpu>>>,
+}
+
+/// One pod's counter: it had `value` CPU-seconds at `since` and grows by `cores`.
+#[derive(Debug)]
+struct PodCpu {
+    namespace: String,
+    cores: f64,
+    value: f64,
+    since: Instant,
+}
+
+impl PodCpu {
+    fn total(&self, now: Instant) -> f64 {
+        self.value + self.cores * now.duration_since(self.since).as_secs_f64()
+    }
 }
 
 impl CpuExporter {
@@ -158,21 +172,27 @@ impl CpuExporter {
     pub fn set_cores(&self, namespace: &str, pod: &str, cores: f64) {
         let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let value = pods
-            .get(pod)
-            .map(|(_, c, v, since)| v + c * now.duration_since(*since).as_secs_f64())
-            .unwrap_or(0.0);
-        pods.insert(pod.to_owned(), (namespace.to_owned(), cores, value, now));
+        let value = pods.get(pod).map(|p| p.total(now)).unwrap_or(0.0);
+        pods.insert(
+            pod.to_owned(),
+            PodCpu {
+                namespace: namespace.to_owned(),
+                cores,
+                value,
+                since: now,
+            },
+        );
     }
 
     fn render(&self) -> String {
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let mut out = String::from("# TYPE container_cpu_usage_seconds_total counter\n");
-        for (pod, (namespace, cores, value, since)) in pods.iter() {
-            let total = value + cores * now.duration_since(*since).as_secs_f64();
+        for (pod, cpu) in pods.iter() {
             out.push_str(&format!(
-                "container_cpu_usage_seconds_total{{namespace=\"{namespace}\",pod=\"{pod}\",container=\"app\"}} {total}\n"
+                "container_cpu_usage_seconds_total{{namespace=\"{}\",pod=\"{pod}\",container=\"app\"}} {}\n",
+                cpu.namespace,
+                cpu.total(now)
             ));
         }
         out
