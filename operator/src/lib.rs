@@ -7,6 +7,7 @@ pub mod admin;
 pub mod balancer_policy;
 pub mod conditions;
 pub mod index;
+pub mod leader;
 pub mod metrics;
 pub mod metrics_source;
 pub mod quantity;

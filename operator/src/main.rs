@@ -7,7 +7,12 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use clap::Parser;
 use kube::runtime::events::Reporter;
-use trimtab_operator::{admin, balancer_policy, index::PolicyIndex, metrics::Metrics};
+use trimtab_operator::{
+    admin, balancer_policy,
+    index::PolicyIndex,
+    leader::{self, Leadership},
+    metrics::Metrics,
+};
 
 /// Layering: defaults < environment (`TRIMTAB_*`) < flags.
 #[derive(Debug, Parser)]
@@ -19,6 +24,9 @@ struct Args {
     /// Name of this replica in Events (the pod name in a cluster).
     #[arg(long, env = "TRIMTAB_POD_NAME", default_value = "trimtab-operator")]
     instance: String,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "TRIMTAB_NAMESPACE", default_value = "trimtab-system")]
+    namespace: String,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "TRIMTAB_LOG_JSON")]
     log_json: bool,
@@ -58,13 +66,23 @@ async fn main() -> anyhow::Result<()> {
 
     let reporter = Reporter {
         controller: "trimtab-operator".into(),
-        instance: Some(args.instance),
+        instance: Some(args.instance.clone()),
     };
+    let leadership = Leadership::elect(
+        client.clone(),
+        &args.namespace,
+        &args.instance,
+        leader::LEASE_DURATION,
+        leader::LEASE_GRACE,
+    )
+    .await
+    .context("starting leader election")?;
     balancer_policy::run(
         client,
         index,
         metrics.controller("balancerpolicy"),
         reporter,
+        leadership,
     )
     .await;
     tracing::info!("shut down");

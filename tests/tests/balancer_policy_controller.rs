@@ -17,7 +17,7 @@ use trimtab_api::{
     BalancerPolicy,
     balancer_policy::{BalancerPolicyStatus, EndpointState},
 };
-use trimtab_operator::{balancer_policy, index::PolicyIndex, metrics::Metrics};
+use trimtab_operator::{balancer_policy, index::PolicyIndex, leader::Leadership, metrics::Metrics};
 use trimtab_tests::{cluster::TestCluster, crds};
 
 const NS: &str = "shop";
@@ -53,6 +53,7 @@ async fn start() -> (TestCluster, Client, PolicyIndex) {
         index.clone(),
         metrics.controller("balancerpolicy"),
         reporter,
+        Leadership::always(),
     ));
     (cluster, client, index)
 }

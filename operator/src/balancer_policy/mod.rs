@@ -44,6 +44,7 @@ use trimtab_api::{
 use crate::{
     conditions::{self, DEGRADED, READY, reason},
     index::{PolicyIndex, PolicyKey},
+    leader::Leadership,
     metrics::ControllerMetrics,
     metrics_source::CpuUsage,
     metrics_source::{MetricsServer, MetricsSource, Prometheus},
@@ -93,6 +94,8 @@ pub struct Context {
     pub metrics: ControllerMetrics,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
+    /// Only the lease holder writes status and Events; every replica keeps its index warm.
+    pub leadership: Leadership,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
@@ -114,6 +117,7 @@ pub async fn run(
     index: PolicyIndex,
     metrics: ControllerMetrics,
     reporter: Reporter,
+    leadership: Leadership,
 ) {
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
@@ -165,8 +169,17 @@ pub async fn run(
         .reflect(pods_writer)
         .touched_objects();
 
+    // A replica that becomes leader writes every policy's status at once.
+    let became_leader = futures_util::stream::unfold(leadership.clone(), |mut l| async move {
+        loop {
+            if l.changed().await {
+                return Some(((), l));
+            }
+        }
+    });
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
+        leadership,
         client,
         index,
         metrics,
@@ -216,6 +229,7 @@ pub async fn run(
             on_slice(s.namespace(), service)
         })
         .watches_stream(pod_stream, on_pod)
+        .reconcile_all_on(became_leader)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -254,6 +268,11 @@ pub async fn reconcile(
             None
         }
     };
+
+    if !ctx.leadership.is_leader() {
+        ctx.metrics.observe_reconcile(started.elapsed());
+        return Ok(Action::requeue(outcome.requeue));
+    }
 
     // events for endpoints that changed state
     for transition in &outcome.transitions {
