@@ -32,6 +32,8 @@ pub mod reason {
     pub const OUT_OF_CAPACITY: &str = "OutOfCapacity";
     /// A metrics source returned a value that is not a utilization.
     pub const INVALID_SAMPLE: &str = "InvalidSample";
+    /// The client pod selector cannot be evaluated.
+    pub const INVALID_SELECTOR: &str = "InvalidSelector";
     /// Nothing is wrong.
     pub const AS_EXPECTED: &str = "AsExpected";
 }

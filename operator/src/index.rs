@@ -3,7 +3,7 @@
 //! API server on their request path (Linkerd's policy-controller does the same).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     sync::{Arc, RwLock},
 };
 
@@ -26,6 +26,9 @@ struct State {
     /// Bumped on every change, so a sidecar's config version only increases.
     version: u64,
     policies: BTreeMap<PolicyKey, Entry>,
+    /// UIDs of deleted policies, so that a reconcile still in flight when its policy
+    /// was deleted cannot publish it again. Cleared after each re-list.
+    deleted: HashSet<String>,
 }
 
 /// Policies by key, with a version that increases on every change and a channel that
@@ -46,11 +49,21 @@ impl Default for PolicyIndex {
 }
 
 impl PolicyIndex {
-    /// Stores `route` for the policy `key`, applying to pods matched by `selector`.
-    /// Returns the index version that holds it; unchanged input changes nothing.
-    pub fn upsert(&self, key: PolicyKey, selector: Selector, route: Route) -> u64 {
+    /// Stores `route` for the policy `key` (whose object has `uid`), applying to pods
+    /// matched by `selector`. Returns the index version that holds it — unchanged input
+    /// changes nothing — or `None` when that policy was deleted meanwhile.
+    pub fn upsert(
+        &self,
+        key: PolicyKey,
+        uid: &str,
+        selector: Selector,
+        route: Route,
+    ) -> Option<u64> {
         let version = {
             let mut state = self.write();
+            if state.deleted.contains(uid) {
+                return None;
+            }
             let unchanged = state
                 .policies
                 .get(&key)
@@ -62,10 +75,10 @@ impl PolicyIndex {
             state.version
         };
         self.changes.send_replace(version);
-        version
+        Some(version)
     }
 
-    /// Forgets a deleted policy.
+    /// Withdraws the route of `key`, e.g. when it no longer resolves.
     pub fn remove(&self, key: &PolicyKey) {
         let version = {
             let mut state = self.write();
@@ -78,11 +91,18 @@ impl PolicyIndex {
         self.changes.send_replace(version);
     }
 
+    /// Forgets a deleted policy for good: a late upsert of the same object is ignored.
+    pub fn delete(&self, key: &PolicyKey, uid: &str) {
+        self.write().deleted.insert(uid.to_owned());
+        self.remove(key);
+    }
+
     /// Keeps only the policies for which `keep` is true (after a re-list, the ones that
     /// still exist).
     pub fn retain(&self, mut keep: impl FnMut(&PolicyKey) -> bool) {
         let version = {
             let mut state = self.write();
+            state.deleted.clear();
             let before = state.policies.len();
             state.policies.retain(|k, _| keep(k));
             if state.policies.len() == before {

@@ -135,7 +135,9 @@ pub async fn run(
     .default_backoff()
     .map(move |event| {
         match &event {
-            Ok(watcher::Event::Delete(p)) => cleanup_index.remove(&key_of(p)),
+            Ok(watcher::Event::Delete(p)) => {
+                cleanup_index.delete(&key_of(p), &p.uid().unwrap_or_default())
+            }
             Ok(watcher::Event::Init) => listed.clear(),
             Ok(watcher::Event::InitApply(p)) => {
                 listed.insert(key_of(p));
@@ -258,10 +260,10 @@ pub async fn reconcile(
 
     // publish
     let config_version = match &outcome.route {
-        Some(route) => {
-            let selector =
-                Selector::try_from(policy.spec.clients.pod_selector.clone()).unwrap_or_default();
-            Some(ctx.index.upsert(key.clone(), selector, route.clone()))
+        Some((selector, route)) => {
+            let uid = policy.uid().unwrap_or_default();
+            ctx.index
+                .upsert(key.clone(), &uid, selector.clone(), route.clone())
         }
         None => {
             ctx.index.remove(&key);
@@ -331,7 +333,8 @@ pub async fn reconcile(
 /// What the pure phases decided for one policy.
 #[derive(Debug)]
 struct Outcome {
-    route: Option<Route>,
+    /// The route and the client pods it applies to; `None` withdraws it.
+    route: Option<(Selector, Route)>,
     endpoints: Vec<EndpointStatus>,
     conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     transitions: Vec<weights::Transition>,
@@ -358,6 +361,15 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
 
     // validate: the API server already enforced the schema; what is left is what this
     // controller serves.
+    let selector = match Selector::try_from(spec.clients.pod_selector.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            return not_ready(
+                reason::INVALID_SELECTOR,
+                format!("spec.clients.podSelector: {e}"),
+            );
+        }
+    };
     if spec.providers.is_some() {
         return not_ready(
             "ProvidersNotServedByController",
@@ -396,7 +408,7 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
         );
         // Publish the empty route anyway: sidecars answer 503 with a clear body rather
         // than refusing connections on the listener.
-        outcome.route = Some(route_for(policy, namespace, Vec::new()));
+        outcome.route = Some((selector, route_for(policy, namespace, Vec::new())));
         return outcome;
     }
 
@@ -445,9 +457,12 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
             sample: e
                 .pod
                 .as_ref()
-                .and_then(|p| usage.get(p))
+                .and_then(|p| usage.cores.get(p))
                 .zip(e.cpu_request_millis)
-                .map(|(cores, millis)| Sample::cpu(cores * 1000.0 / millis as f64, now)),
+                .map(|(cores, millis)| Sample {
+                    window: usage.window,
+                    ..Sample::cpu(cores * 1000.0 / millis as f64, now)
+                }),
         })
         .collect();
     let computed = {
@@ -508,7 +523,7 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
     ];
     Outcome {
         balance_score,
-        route: Some(route_for(policy, namespace, route_endpoints)),
+        route: Some((selector, route_for(policy, namespace, route_endpoints))),
         endpoints,
         conditions,
         transitions: computed.transitions,

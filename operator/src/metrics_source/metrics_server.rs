@@ -38,7 +38,7 @@ impl MetricsServer {
                 source,
             }
         })?;
-        let mut usage = CpuUsage::new();
+        let mut usage = CpuUsage::default();
         for pod in list {
             let name = pod.metadata.name.clone().unwrap_or_default();
             let containers = pod.data.get("containers").and_then(|c| c.as_array());
@@ -54,7 +54,15 @@ impl MetricsServer {
                     value: cpu.to_owned(),
                 })?;
             }
-            usage.insert(name, millis as f64 / 1000.0);
+            if usage.window.is_none() {
+                usage.window = pod
+                    .data
+                    .get("window")
+                    .and_then(|w| w.as_str())
+                    .and_then(|w| w.parse::<trimtab_api::Duration>().ok())
+                    .map(trimtab_api::Duration::get);
+            }
+            usage.cores.insert(name, millis as f64 / 1000.0);
         }
         Ok(usage)
     }

@@ -11,8 +11,15 @@ use std::collections::BTreeMap;
 pub use metrics_server::MetricsServer;
 pub use prometheus::Prometheus;
 
-/// CPU usage in cores, by pod name.
-pub type CpuUsage = BTreeMap<String, f64>;
+/// CPU usage in cores by pod name, averaged over `window` when the source says.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CpuUsage {
+    /// Cores per pod.
+    pub cores: BTreeMap<String, f64>,
+    /// The span each reading averages over (PodMetrics `window`, a PromQL range); the
+    /// weight controller compares a reading with the traffic split over the same span.
+    pub window: Option<std::time::Duration>,
+}
 
 /// Why a source gave no samples. The policy becomes Degraded and keeps its last weights.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +70,7 @@ impl MetricsSource {
         match self {
             Self::MetricsServer(s) => s.cpu_usage(namespace).await,
             Self::Prometheus(s) => s.cpu_usage(namespace).await,
-            Self::LoadReports => Ok(CpuUsage::new()),
+            Self::LoadReports => Ok(CpuUsage::default()),
         }
     }
 }

@@ -8,6 +8,8 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 use super::{CpuUsage, MetricsSourceError};
@@ -43,7 +45,7 @@ struct Data {
 
 #[derive(Deserialize)]
 struct Series {
-    metric: std::collections::BTreeMap<String, String>,
+    metric: BTreeMap<String, String>,
     /// `[unix time, "value"]`.
     value: (f64, String),
 }
@@ -79,12 +81,28 @@ impl Prometheus {
             .await
             .map_err(|e| error(format!("reading the answer: {e}")))?
             .to_bytes();
-        parse(&body).map_err(|reason| error(format!("HTTP {status}: {reason}")))
+        let cores = parse(&body).map_err(|reason| error(format!("HTTP {status}: {reason}")))?;
+        Ok(CpuUsage {
+            cores,
+            window: range_of(&self.query),
+        })
     }
 }
 
+/// The range of the query's (last) range selector, e.g. 1m for `rate(x[1m])`: the
+/// span each value averages over.
+fn range_of(query: &str) -> Option<Duration> {
+    let open = query.rfind('[')?;
+    let close = open + query[open..].find(']')?;
+    let range = query[open + 1..close].split(':').next()?.trim();
+    range
+        .parse::<trimtab_api::Duration>()
+        .ok()
+        .map(trimtab_api::Duration::get)
+}
+
 /// The per-pod vector of an instant-query answer.
-fn parse(body: &[u8]) -> Result<CpuUsage, String> {
+fn parse(body: &[u8]) -> Result<BTreeMap<String, f64>, String> {
     let answer: Answer =
         serde_json::from_slice(body).map_err(|e| format!("not a Prometheus answer: {e}"))?;
     if answer.status != "success" {
@@ -99,7 +117,7 @@ fn parse(body: &[u8]) -> Result<CpuUsage, String> {
             data.result_type
         ));
     }
-    let mut usage = CpuUsage::new();
+    let mut usage = BTreeMap::new();
     for series in data.result {
         let Some(pod) = series.metric.get("pod") else {
             return Err(format!(
@@ -167,6 +185,18 @@ mod tests {
             parse(failed).expect_err("error status"),
             "parse error at char 4"
         );
+    }
+
+    #[test]
+    fn the_window_is_the_range_of_the_rate() {
+        let default =
+            r#"sum by (pod) (rate(container_cpu_usage_seconds_total{container!=""}[1m]))"#;
+        assert_eq!(range_of(default), Some(Duration::from_secs(60)));
+        assert_eq!(
+            range_of("max_over_time(x[30s:5s])"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(range_of("sum by (pod) (cpu_cores)"), None);
     }
 
     #[test]
