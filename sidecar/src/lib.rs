@@ -1,5 +1,22 @@
 //! The Trimtab data plane: the sidecar proxy that balances an application's outbound
 //! HTTP calls over the endpoints of its BalancerPolicies.
+//!
+//! Reading order: [`sidecar`] (the running config and listeners), [`forward`] (one
+//! request), [`balancer`] (choosing an endpoint), [`outlier`] and [`health`] (taking
+//! endpoints out), [`retry`], [`config_source`] (files and fail-static state),
+//! [`admin`] (metrics and probes).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod balancer;
+pub mod bots;
+pub mod config_source;
+pub mod forward;
+pub mod health;
+pub mod metrics;
+pub mod outlier;
+pub mod retry;
+pub mod route;
+pub mod settings;
+pub mod sidecar;
+pub mod weighting;

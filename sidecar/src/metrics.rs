@@ -169,7 +169,8 @@ impl EndpointMetrics {
         self.by_code[index]
             .get_or_init(|| {
                 let code = (index + 100).to_string();
-                self.requests.with_label_values(&[&self.route, &self.endpoint, &code])
+                self.requests
+                    .with_label_values(&[&self.route, &self.endpoint, &code])
             })
             .inc();
     }

@@ -32,7 +32,13 @@ pub enum Decision {
 /// Whether `consecutive_failures` ejects the endpoint, given how many of the route's
 /// `total` endpoints are ejected already and how often this one was (`ejections`,
 /// including this one).
-pub fn decide(consecutive_failures: u32, ejections: u32, ejected_now: usize, total: usize, cfg: &OutlierDetection) -> Decision {
+pub fn decide(
+    consecutive_failures: u32,
+    ejections: u32,
+    ejected_now: usize,
+    total: usize,
+    cfg: &OutlierDetection,
+) -> Decision {
     if cfg.consecutive_errors == 0 || consecutive_failures < cfg.consecutive_errors {
         return Decision::Keep;
     }
@@ -40,13 +46,21 @@ pub fn decide(consecutive_failures: u32, ejections: u32, ejected_now: usize, tot
     if (ejected_now + 1) * 100 > total * cfg.max_ejection_percent as usize {
         return Decision::Keep;
     }
-    Decision::Eject(cfg.base_ejection_time.get().saturating_mul(ejections.max(1)))
+    Decision::Eject(
+        cfg.base_ejection_time
+            .get()
+            .saturating_mul(ejections.max(1)),
+    )
 }
 
 /// The ejection count for a new ejection: one more than before, less one for every
 /// `base` of good behaviour since the previous ejection ended (so an endpoint that
 /// recovered for good starts over at `base` again, as Envoy decrements its multiplier).
-pub fn next_ejection_count(previous: u32, since_last_ejection_ended: Duration, base: Duration) -> u32 {
+pub fn next_ejection_count(
+    previous: u32,
+    since_last_ejection_ended: Duration,
+    base: Duration,
+) -> u32 {
     let forgiven = if base.is_zero() {
         u32::MAX
     } else {
@@ -83,9 +97,20 @@ impl OutlierState {
 
     /// Records one outcome; returns the ejection time when this failure ejects the
     /// endpoint. `ejected_now` and `total` describe the route at this moment.
-    pub fn record(&self, outcome: Outcome, now_ms: u64, ejected_now: usize, total: usize, cfg: &OutlierDetection) -> Option<Duration> {
+    pub fn record(
+        &self,
+        outcome: Outcome,
+        now_ms: u64,
+        ejected_now: usize,
+        total: usize,
+        cfg: &OutlierDetection,
+    ) -> Option<Duration> {
         if outcome == Outcome::Success {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
+            // Read before writing: most responses succeed, and a store on every one
+            // would bounce the cache line between cores for nothing.
+            if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+            }
             return None;
         }
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -98,7 +123,8 @@ impl OutlierState {
         match decide(failures, count, ejected_now, total, cfg) {
             Decision::Keep => None,
             Decision::Eject(for_how_long) => {
-                let new_until = now_ms + u64::try_from(for_how_long.as_millis()).unwrap_or(u64::MAX / 2);
+                let new_until =
+                    now_ms + u64::try_from(for_how_long.as_millis()).unwrap_or(u64::MAX / 2);
                 // Only one of several racing failures performs the ejection.
                 if self
                     .ejected_until_ms
@@ -137,7 +163,10 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(state.record(Outcome::Failure, 1000, 0, 4, &c), None);
         }
-        assert_eq!(state.record(Outcome::Failure, 1000, 0, 4, &c), Some(Duration::from_secs(30)));
+        assert_eq!(
+            state.record(Outcome::Failure, 1000, 0, 4, &c),
+            Some(Duration::from_secs(30))
+        );
         assert!(state.is_ejected(1000 + 29_999));
         assert!(!state.is_ejected(1000 + 30_000));
     }
@@ -156,16 +185,31 @@ mod tests {
     fn repeated_ejections_last_longer() {
         let state = OutlierState::default();
         let c = cfg(1);
-        assert_eq!(state.record(Outcome::Failure, 0, 0, 4, &c), Some(Duration::from_secs(30)));
+        assert_eq!(
+            state.record(Outcome::Failure, 0, 0, 4, &c),
+            Some(Duration::from_secs(30))
+        );
         // Fails again right after coming back: twice as long.
-        assert_eq!(state.record(Outcome::Failure, 30_001, 0, 4, &c), Some(Duration::from_secs(60)));
+        assert_eq!(
+            state.record(Outcome::Failure, 30_001, 0, 4, &c),
+            Some(Duration::from_secs(60))
+        );
     }
 
     #[test]
     fn good_behaviour_forgives_earlier_ejections() {
-        assert_eq!(next_ejection_count(3, Duration::from_secs(0), Duration::from_secs(30)), 4);
-        assert_eq!(next_ejection_count(3, Duration::from_secs(65), Duration::from_secs(30)), 2);
-        assert_eq!(next_ejection_count(3, Duration::from_secs(3600), Duration::from_secs(30)), 1);
+        assert_eq!(
+            next_ejection_count(3, Duration::from_secs(0), Duration::from_secs(30)),
+            4
+        );
+        assert_eq!(
+            next_ejection_count(3, Duration::from_secs(65), Duration::from_secs(30)),
+            2
+        );
+        assert_eq!(
+            next_ejection_count(3, Duration::from_secs(3600), Duration::from_secs(30)),
+            1
+        );
     }
 
     #[test]
@@ -173,7 +217,10 @@ mod tests {
         let c = cfg(1);
         // Two of four ejected already: a third would be 75% > 50%.
         assert_eq!(decide(1, 1, 2, 4, &c), Decision::Keep);
-        assert_eq!(decide(1, 1, 1, 4, &c), Decision::Eject(Duration::from_secs(30)));
+        assert_eq!(
+            decide(1, 1, 1, 4, &c),
+            Decision::Eject(Duration::from_secs(30))
+        );
     }
 
     #[test]

@@ -60,8 +60,15 @@ pub fn budget_allows(active_requests: u64, active_retries: u64, budget_percent: 
 
 /// Exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff
 /// and Jitter"): uniform in [0, min(max, base × 2^retry)). `retry` counts from 0.
-pub fn backoff<R: Rng + ?Sized>(retry: u32, base: Duration, max: Duration, rng: &mut R) -> Duration {
-    let ceiling = base.saturating_mul(1_u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX)).min(max);
+pub fn backoff<R: Rng + ?Sized>(
+    retry: u32,
+    base: Duration,
+    max: Duration,
+    rng: &mut R,
+) -> Duration {
+    let ceiling = base
+        .saturating_mul(1_u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX))
+        .min(max);
     if ceiling.is_zero() {
         return Duration::ZERO;
     }
@@ -74,7 +81,10 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime, max: Duration) -> Optio
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     let wait = match value.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),
-        Err(_) => httpdate::parse_http_date(value).ok()?.duration_since(now).unwrap_or(Duration::ZERO),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
     };
     Some(wait.min(max))
 }

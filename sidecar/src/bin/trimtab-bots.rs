@@ -1,0 +1,280 @@
+//! `trimtab-bots`: runs a `LoadTest`'s bot users without a cluster, or as one runner
+//! pod of an Indexed Job (`JOB_COMPLETION_INDEX` picks the shard).
+//!
+//! ```text
+//! trimtab-bots run examples/shop-loadtest.yaml --target http://127.0.0.1:8080 --duration 30s
+//! ```
+#![forbid(unsafe_code)]
+
+use std::{
+    io::IsTerminal,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::atomic::Ordering::Relaxed,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Deserialize;
+use trimtab_api::{duration::Duration as SpecDuration, load_test::LoadTestSpec};
+use trimtab_sidecar::bots::{
+    results::{Latency, Results},
+    run::{Compiled, Run, RunError, RunOptions},
+    shard::Shard,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "trimtab-bots", version, about = "Stateful bot users for a Trimtab LoadTest")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a LoadTest's scenario against its target (or --target) until its duration.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// A LoadTest YAML file (the whole object, or just its spec).
+    loadtest: PathBuf,
+    /// Replaces spec.target.url, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "TRIMTAB_TARGET")]
+    target: Option<String>,
+    /// This runner's share, INDEX/COUNT. Default: JOB_COMPLETION_INDEX of
+    /// TRIMTAB_SHARDS (or spec.runners.parallelism) in a Job, else 0/1.
+    #[arg(long, env = "TRIMTAB_SHARD")]
+    shard: Option<Shard>,
+    /// Seeds every user's RNG; the same seed replays the same journeys.
+    #[arg(long, env = "TRIMTAB_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Write the serialized results (mergeable histograms and counters) here.
+    #[arg(long, env = "TRIMTAB_JSON")]
+    json: Option<PathBuf>,
+    /// Replaces spec.workload.duration, e.g. 30s.
+    #[arg(long, env = "TRIMTAB_DURATION")]
+    duration: Option<SpecDuration>,
+    /// Give up on a request after this long.
+    #[arg(long, env = "TRIMTAB_REQUEST_TIMEOUT", default_value = "30s")]
+    request_timeout: SpecDuration,
+    /// Print this user's states and think times at the end (replay with --seed).
+    #[arg(long, env = "TRIMTAB_TRACE_USER")]
+    trace_user: Option<u64>,
+}
+
+fn read_spec(path: &Path) -> anyhow::Result<LoadTestSpec> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    // Deserialized from the text (not from a Value) so errors keep line and column.
+    #[derive(Deserialize)]
+    struct Object {
+        spec: LoadTestSpec,
+    }
+    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("{}: not YAML", path.display()))?;
+    if value.get("spec").is_some() {
+        let object: Object = serde_yaml_ng::from_str(&text)
+            .with_context(|| format!("{}: not a LoadTest", path.display()))?;
+        return Ok(object.spec);
+    }
+    serde_yaml_ng::from_str::<LoadTestSpec>(&text)
+        .with_context(|| format!("{}: not a LoadTest spec", path.display()))
+}
+
+/// `--shard`, else `JOB_COMPLETION_INDEX` of `TRIMTAB_SHARDS` (or the spec's runner
+/// count), else the whole test.
+fn shard(args: &RunArgs, spec: &LoadTestSpec) -> anyhow::Result<Shard> {
+    if let Some(shard) = args.shard {
+        return Ok(shard);
+    }
+    let Ok(index) = std::env::var("JOB_COMPLETION_INDEX") else {
+        return Ok(Shard::WHOLE);
+    };
+    let count = match std::env::var("TRIMTAB_SHARDS") {
+        Ok(n) => n
+            .parse()
+            .with_context(|| format!("TRIMTAB_SHARDS={n:?}: expected a runner count"))?,
+        Err(_) => spec.runners.parallelism,
+    };
+    let index = index
+        .parse()
+        .with_context(|| format!("JOB_COMPLETION_INDEX={index:?}: expected a number"))?;
+    Ok(Shard::new(index, count)?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trimtab-bots: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trimtab-bots: {e:#}");
+            // 2: the scenario was refused; 3: the target did not answer; 1: anything else.
+            let code = match e.downcast_ref::<RunError>() {
+                Some(RunError::Compile(_) | RunError::Workload(_)) => 2,
+                Some(RunError::Unreachable { .. } | RunError::TargetUrl { .. }) => 3,
+                None => 1,
+            };
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let spec = read_spec(&args.loadtest)?;
+    let options = RunOptions {
+        target: args.target.clone(),
+        shard: shard(&args, &spec)?,
+        seed: args.seed,
+        duration: args.duration.map(SpecDuration::get),
+        request_timeout: args.request_timeout.get(),
+        trace_user: args.trace_user,
+        ..RunOptions::default()
+    };
+    let compiled = Compiled::new(&spec, &options)?;
+    let (target_users, duration) = (compiled.target_users(), compiled.duration());
+    let run = Run::start(compiled, &options).await?;
+    let shared = run.shared.clone();
+
+    let bar = progress_bar(duration);
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut last = (tokio::time::Instant::now(), 0u64);
+            let mut interval = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                interval.tick().await;
+                let live = &shared.recorder.live;
+                let requests = live.requests.load(Relaxed);
+                let now = tokio::time::Instant::now();
+                let secs = (now - last.0).as_secs_f64().max(1e-3);
+                let rps = (requests - last.1) as f64 / secs;
+                last = (now, requests);
+                bar.set_position(now.saturating_duration_since(shared.deadline - duration).as_secs());
+                bar.set_message(format!(
+                    "users {}/{} · {:.0} rps · p99 {} · errors {} · violations {}",
+                    live.active_users.load(Relaxed),
+                    target_users,
+                    rps,
+                    human(shared.recorder.p99()),
+                    live.failures.load(Relaxed),
+                    live.violations.load(Relaxed),
+                ));
+            }
+        })
+    };
+    let output = run.finish().await;
+    ticker.abort();
+    bar.finish_and_clear();
+
+    print!("{}", table(&output.results, output.elapsed));
+    if !output.journey.is_empty() {
+        println!("\njourney of user {}:", args.trace_user.unwrap_or_default());
+        for step in &output.journey {
+            println!("  {:<20} think {}", step.state, human(step.think));
+        }
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&output.results)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if output.results.requests == 0 && output.results.sessions_started > 0 {
+        bail!("no request completed: is the target answering?");
+    }
+    Ok(())
+}
+
+fn progress_bar(duration: Duration) -> ProgressBar {
+    let bar = ProgressBar::new(duration.as_secs().max(1));
+    if std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {msg}") {
+            bar.set_style(style.progress_chars("=> "));
+        }
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// `1.25ms`, `830µs`, `2.10s`.
+fn human(d: Duration) -> String {
+    let micros = d.as_micros();
+    if micros < 1_000 {
+        format!("{micros}µs")
+    } else if micros < 1_000_000 {
+        format!("{:.2}ms", micros as f64 / 1e3)
+    } else {
+        format!("{:.2}s", micros as f64 / 1e6)
+    }
+}
+
+fn row(name: &str, requests: u64, failures: u64, latency: &Latency) -> String {
+    let h = &latency.corrected;
+    format!(
+        "{name:<20} {requests:>10} {failures:>9} {:>10} {:>10} {:>10} {:>10}\n",
+        human(h.quantile(0.5)),
+        human(h.quantile(0.9)),
+        human(h.quantile(0.99)),
+        human(h.max()),
+    )
+}
+
+/// The final table: per state and overall, latency from the intended start.
+fn table(results: &Results, elapsed: Duration) -> String {
+    let mut out = format!(
+        "{:<20} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}\n",
+        "state", "requests", "failures", "p50", "p90", "p99", "max"
+    );
+    for (name, state) in &results.states {
+        if state.requests > 0 {
+            out += &row(name, state.requests, state.failures.total(), &state.latency);
+        }
+    }
+    out += &row("all", results.requests, results.failures.total(), &results.latency);
+    let f = &results.failures;
+    out += &format!(
+        "\n{:.1} s, {:.0} requests/s; sessions {} started, {} completed; dropped arrivals {}\n",
+        elapsed.as_secs_f64(),
+        results.requests as f64 / elapsed.as_secs_f64().max(1e-3),
+        results.sessions_started,
+        results.sessions_completed,
+        results.dropped_arrivals,
+    );
+    out += &format!(
+        "checks {} passed, {} failed; failures: connect {}, timeout {}, status {}, check {}, render {}, transport {}\n",
+        results.checks_passed, results.checks_failed, f.connect, f.timeout, f.status, f.check, f.render, f.transport
+    );
+    out += &format!(
+        "raw p99 (from send) {} vs corrected p99 (from intended start) {}\n",
+        human(results.latency.raw.quantile(0.99)),
+        human(results.latency.corrected.quantile(0.99)),
+    );
+    for (name, inv) in &results.invariants {
+        out += &format!("invariant {name}: {} checks, {} violations\n", inv.checks, inv.violations);
+        for e in &inv.examples {
+            out += &format!("  {} → {:?}: {}\n    {}\n", e.request, e.status, e.detail, e.response);
+        }
+    }
+    if !results.failure_examples.is_empty() {
+        out += "first failures:\n";
+        for e in results.failure_examples.iter().take(5) {
+            out += &format!(
+                "  user {} in {}: {} → {:?}: {}\n    {}\n",
+                e.user, e.state, e.request, e.status, e.detail, e.response
+            );
+        }
+    }
+    out
+}

@@ -1,0 +1,166 @@
+//! The bots' HTTP client: one pooled keep-alive hyper-util client shared by every user
+//! of the process (a million users must not mean a million connection pools), and the
+//! classification of what went wrong on the wire.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Uri, header::CONTENT_TYPE, header::COOKIE};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+
+use super::request::RenderedRequest;
+
+/// The client every user shares.
+pub type BotClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Response bodies are read up to this size; a bigger body is a transport failure
+/// (a scenario that needs more is downloading, not shopping).
+pub const MAX_BODY: usize = 8 * 1024 * 1024;
+
+/// Idle pooled connections are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A pooled client whose connects give up after `connect_timeout`.
+pub fn client(connect_timeout: Duration) -> BotClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector)
+}
+
+/// What came back.
+#[derive(Debug)]
+pub struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+/// Why no response arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The TCP connection could not be made.
+    #[error("connect to {uri} failed: {message}")]
+    Connect {
+        /// The URI.
+        uri: String,
+        /// The cause.
+        message: String,
+    },
+    /// No complete response within the timeout.
+    #[error("no response from {uri} within {timeout:?}")]
+    Timeout {
+        /// The URI.
+        uri: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The URI built from target and path is invalid.
+    #[error("target URL + path {uri:?} is not a valid URI")]
+    Uri {
+        /// What was built.
+        uri: String,
+    },
+    /// Reset, malformed response, oversized body.
+    #[error("{uri}: {message}")]
+    Transport {
+        /// The URI.
+        uri: String,
+        /// The cause.
+        message: String,
+    },
+}
+
+/// Sends `req` to `base` + its path with the given cookie header, and reads the whole
+/// body, all within `timeout`.
+pub async fn send(
+    client: &BotClient,
+    base: &str,
+    req: RenderedRequest,
+    cookie: Option<HeaderValue>,
+    timeout: Duration,
+) -> Result<Response, SendError> {
+    let uri_text = format!("{base}{}", req.path);
+    let uri: Uri = uri_text.parse().map_err(|_| SendError::Uri {
+        uri: uri_text.clone(),
+    })?;
+    let mut builder = Request::builder().method(req.method).uri(uri);
+    if let Some(headers) = builder.headers_mut() {
+        for (name, value) in req.headers {
+            headers.insert(name, value);
+        }
+        if let Some(ct) = req.content_type {
+            headers
+                .entry(CONTENT_TYPE)
+                .or_insert(HeaderValue::from_static(ct));
+        }
+        if let Some(cookie) = cookie {
+            headers.insert(COOKIE, cookie);
+        }
+    }
+    let request = builder
+        .body(Full::new(req.body))
+        .map_err(|e| SendError::Transport {
+            uri: uri_text.clone(),
+            message: e.to_string(),
+        })?;
+    // Boxed so that the (large) in-flight future lives on the heap only while a
+    // request is in flight, not inside every idle user's task.
+    let exchange = Box::pin(async {
+        let response = client.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                SendError::Connect {
+                    uri: uri_text.clone(),
+                    message: error_chain(&e),
+                }
+            } else {
+                SendError::Transport {
+                    uri: uri_text.clone(),
+                    message: error_chain(&e),
+                }
+            }
+        })?;
+        let (parts, body) = response.into_parts();
+        let body = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| SendError::Transport {
+                uri: uri_text.clone(),
+                message: format!("reading the body: {e}"),
+            })?
+            .to_bytes();
+        Ok(Response {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
+    });
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(SendError::Timeout {
+            uri: uri_text,
+            timeout,
+        }),
+    }
+}
+
+/// The error and its causes, `: `-joined (hyper's top-level message alone is vague).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

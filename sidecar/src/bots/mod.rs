@@ -1,0 +1,25 @@
+//! Bot users: the scenario engine behind `trimtab-bots`.
+//!
+//! A `LoadTest`'s scenario is compiled once ([`scenario`]: every template, JSONPath and
+//! CEL expression parsed, every state name resolved), so a broken scenario is refused
+//! before any traffic. Then each bot user ([`user`]) walks the scenario's Markov chain
+//! with its own deterministic RNG, vars and cookie jar, while [`workload`] decides how
+//! many users run and when (closed or open model), [`shard`] gives this process its
+//! share, [`invariants`] polls the target's business rules, and everything measured
+//! lands in mergeable [`results`].
+//!
+//! Reading order: [`scenario`] → [`user`] → [`workload`] → [`run`].
+
+pub mod check;
+pub mod extract;
+pub mod http;
+pub mod invariants;
+pub mod recorder;
+pub mod request;
+pub mod results;
+pub mod run;
+pub mod scenario;
+pub mod shard;
+pub mod think;
+pub mod user;
+pub mod workload;

@@ -1,0 +1,241 @@
+//! One run of a `LoadTest` in this process: compile (no I/O, so a broken scenario is
+//! refused before any traffic), check that the target answers, run the workload and
+//! the invariants until the deadline, check the invariants once more, and hand back
+//! the results.
+
+use std::{sync::Arc, time::Duration};
+
+use http::Uri;
+use tokio::time::Instant;
+use trimtab_api::load_test::LoadTestSpec;
+
+use super::{
+    http::client,
+    invariants,
+    recorder::Recorder,
+    results::Results,
+    scenario::{CompileError, CompiledInvariant, CompiledScenario},
+    shard::Shard,
+    user::{JourneyStep, Shared},
+    workload::{self, Plan, WorkloadError},
+};
+
+/// How a run is told to deviate from the spec, and its knobs that the spec leaves out.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Replaces `spec.target.url` (a local run against a local target).
+    pub target: Option<String>,
+    /// This process's share.
+    pub shard: Shard,
+    /// Seeds every user's RNG: the same seed replays the same journeys.
+    pub seed: u64,
+    /// Replaces `spec.workload.duration`.
+    pub duration: Option<Duration>,
+    /// Per-request limit. 30 s: past that, a user has given up anyway.
+    pub request_timeout: Duration,
+    /// Connect limit; also bounds the reachability probe at start.
+    pub connect_timeout: Duration,
+    /// Journal this user's states and think times.
+    pub trace_user: Option<u64>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            target: None,
+            shard: Shard::WHOLE,
+            seed: 0,
+            duration: None,
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(3),
+            trace_user: None,
+        }
+    }
+}
+
+/// Why a run did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The scenario or an invariant does not compile.
+    #[error("scenario refused: {0}")]
+    Compile(#[from] CompileError),
+    /// The workload does not describe a model.
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    /// The target URL cannot be used.
+    #[error("target.url {url:?}: expected http://HOST[:PORT][/PREFIX]")]
+    TargetUrl {
+        /// The URL given.
+        url: String,
+    },
+    /// Nothing answers at the target.
+    #[error("target {url} is unreachable: {message}")]
+    Unreachable {
+        /// The URL.
+        url: String,
+        /// Why.
+        message: String,
+    },
+}
+
+/// A spec compiled for this process, before any I/O.
+#[derive(Debug)]
+pub struct Compiled {
+    scenario: CompiledScenario,
+    invariants: Vec<CompiledInvariant>,
+    plan: Plan,
+    target: String,
+    duration: Duration,
+}
+
+impl Compiled {
+    /// Compiles the scenario and invariants and cuts the workload to the shard.
+    pub fn new(spec: &LoadTestSpec, options: &RunOptions) -> Result<Self, RunError> {
+        let (scenario, invariants) = CompiledScenario::compile(&spec.scenario, &spec.invariants)?;
+        let plan = Plan::for_shard(&spec.workload, options.shard)?;
+        let target = options
+            .target
+            .clone()
+            .unwrap_or_else(|| spec.target.url.clone())
+            .trim_end_matches('/')
+            .to_owned();
+        let duration = options.duration.unwrap_or(spec.workload.duration.get());
+        Ok(Self {
+            scenario,
+            invariants,
+            plan,
+            target,
+            duration,
+        })
+    }
+
+    /// The users this process runs (closed) or may run at once (open).
+    pub fn target_users(&self) -> u64 {
+        self.plan.target_users()
+    }
+
+    /// How long the run lasts.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+}
+
+/// What a finished run hands back.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// Everything measured.
+    pub results: Results,
+    /// The traced user's journey, when one was asked for.
+    pub journey: Vec<JourneyStep>,
+    /// Wall time from start to the last invariant check.
+    pub elapsed: Duration,
+}
+
+/// A run that has started.
+#[derive(Debug)]
+pub struct Run {
+    /// What the users share; the progress bar reads `shared.recorder.live`.
+    pub shared: Arc<Shared>,
+    invariants: Vec<Arc<CompiledInvariant>>,
+    plan: Plan,
+    shard: Shard,
+    start: Instant,
+}
+
+impl Run {
+    /// Checks that the target accepts connections, then fixes the start and deadline.
+    pub async fn start(compiled: Compiled, options: &RunOptions) -> Result<Self, RunError> {
+        probe(&compiled.target, options.connect_timeout).await?;
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let names = compiled
+            .scenario
+            .states
+            .iter()
+            .map(|s| s.name.clone())
+            .collect();
+        let recorder = Recorder::new(names, threads);
+        for inv in &compiled.invariants {
+            recorder.declare_invariant(&inv.name);
+        }
+        let start = Instant::now();
+        let shared = Arc::new(Shared {
+            scenario: compiled.scenario,
+            client: client(options.connect_timeout),
+            base: compiled.target,
+            recorder,
+            seed: options.seed,
+            deadline: start + compiled.duration,
+            request_timeout: options.request_timeout,
+            trace_user: options.trace_user,
+            journey: std::sync::Mutex::default(),
+        });
+        Ok(Self {
+            shared,
+            invariants: compiled.invariants.into_iter().map(Arc::new).collect(),
+            plan: compiled.plan,
+            shard: options.shard,
+            start,
+        })
+    }
+
+    /// Runs users and invariants to the deadline, then checks every invariant once
+    /// more and returns the results.
+    pub async fn finish(self) -> RunOutput {
+        let pollers: Vec<_> = self
+            .invariants
+            .iter()
+            .map(|inv| tokio::spawn(invariants::poll(self.shared.clone(), inv.clone())))
+            .collect();
+        workload::run(self.shared.clone(), self.plan, self.shard, self.start).await;
+        for poller in pollers {
+            // A poller only ends by returning at the deadline; a join error would be a
+            // panic inside it, which the final check below still covers.
+            let _ = poller.await;
+        }
+        for inv in &self.invariants {
+            invariants::check_once(&self.shared, inv).await;
+        }
+        let journey = match self.shared.journey.lock() {
+            Ok(j) => j.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        RunOutput {
+            results: self.shared.recorder.snapshot(),
+            journey,
+            elapsed: self.start.elapsed(),
+        }
+    }
+}
+
+/// Compiles, starts and finishes a run: the whole of `trimtab-bots run` without the
+/// progress bar.
+pub async fn run(spec: &LoadTestSpec, options: &RunOptions) -> Result<RunOutput, RunError> {
+    let compiled = Compiled::new(spec, options)?;
+    Ok(Run::start(compiled, options).await?.finish().await)
+}
+
+/// A TCP connect to the target's host and port.
+async fn probe(url: &str, timeout: Duration) -> Result<(), RunError> {
+    let bad = || RunError::TargetUrl {
+        url: url.to_owned(),
+    };
+    let uri: Uri = url.parse().map_err(|_| bad())?;
+    if uri.scheme_str() != Some("http") {
+        // The client is plain HTTP/1.1; TLS targets go through the sidecar.
+        return Err(bad());
+    }
+    let host = uri.host().ok_or_else(bad)?;
+    let port = uri.port_u16().unwrap_or(80);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(RunError::Unreachable {
+            url: url.to_owned(),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(RunError::Unreachable {
+            url: url.to_owned(),
+            message: format!("no connection within {timeout:?}"),
+        }),
+    }
+}

@@ -1,0 +1,728 @@
+//! Forwarding one request: pick an endpoint, rewrite the headers a proxy must rewrite,
+//! send it over the pooled client, retry what may be retried, and answer with the
+//! endpoint's response (streamed) or with an error that says which endpoint failed
+//! and how.
+
+use std::{
+    convert::Infallible,
+    error::Error as StdError,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    header::{self, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE},
+    request::Parts,
+};
+use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use rand::{SeedableRng, rngs::SmallRng};
+
+use crate::{
+    balancer::weights::{ORCA_HEADER, parse_orca},
+    outlier::Outcome,
+    retry::{self, Failure},
+    route::{Endpoint, NoEndpoint, RouteRuntime, now_ms},
+    sidecar::Shared,
+};
+
+/// Errors of bodies in flight.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The body type of every request and response the proxy sends.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The pooled keep-alive HTTP/1.1 client to the endpoints.
+pub type HttpClient = Client<HttpConnector, ProxyBody>;
+
+/// Request bodies up to this size are buffered so that the request can be retried;
+/// larger or chunked bodies stream through and are sent once (Envoy's
+/// `per_request_buffer_limit_bytes` plays the same role).
+pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
+
+/// Idle pooled connections are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the obsolete `Proxy-Connection` and
+/// `Keep-Alive` that clients still send): they describe one connection and must not
+/// be forwarded. Headers named in `Connection` are removed too.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// A pooled client whose connects give up after `connect_timeout`.
+pub fn client(connect_timeout: Duration) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector)
+}
+
+/// Serves one request that arrived on the listener of `port`.
+pub async fn serve(
+    shared: Arc<Shared>,
+    port: u16,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let Some(route) = shared.route(port) else {
+        return Ok(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no route listens on port {port} in the current config"),
+        ));
+    };
+    Ok(forward(&shared, route, peer, req).await)
+}
+
+async fn forward(
+    shared: &Shared,
+    route: Arc<RouteRuntime>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let in_flight = InFlight::new(Arc::clone(&route));
+    let max_body = shared.max_request_body;
+    if let Some(length) = content_length(req.headers())
+        && length > max_body
+    {
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {length} bytes exceeds the limit of {max_body} bytes"),
+        );
+    }
+    let upgrade = is_upgrade(req.headers()).then(|| {
+        (
+            req.headers().get(UPGRADE).cloned(),
+            hyper::upgrade::on(&mut req),
+        )
+    });
+    let (mut parts, body) = req.into_parts();
+    prepare_request_headers(
+        &mut parts,
+        peer,
+        upgrade.as_ref().and_then(|(u, _)| u.clone()),
+    );
+
+    let replayable = upgrade.is_none()
+        && retry::may_retry_method(&parts.method, &route.config.retries)
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
+    let mut body = if replayable {
+        match Limited::new(body, RETRY_BUFFER_LIMIT as usize)
+            .collect()
+            .await
+        {
+            Ok(collected) => RequestBody::Replayable(collected.to_bytes()),
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body could not be read: {e}"),
+                );
+            }
+        }
+    } else {
+        let limited = Limited::new(body, usize::try_from(max_body).unwrap_or(usize::MAX));
+        RequestBody::Streaming(Some(limited.boxed_unsync()))
+    };
+
+    let last_tried = AtomicUsize::new(usize::MAX);
+    let request_timeout = route.config.timeouts.request.get();
+    let attempts = attempt_all(&route, &parts, &mut body, &last_tried);
+    let outcome = if request_timeout.is_zero() {
+        Ok(attempts.await)
+    } else {
+        tokio::time::timeout(request_timeout, attempts).await
+    };
+    let attempt = match outcome {
+        Ok(attempt) => attempt,
+        Err(_) => {
+            let index = last_tried.load(Ordering::Relaxed);
+            let endpoint = route.endpoints.get(index).map_or_else(
+                || "none".to_owned(),
+                |e| {
+                    // A request that timed out on an endpoint counts against it, as a
+                    // 5xx does (Envoy counts timeouts as gateway failures).
+                    e.metrics.count(StatusCode::GATEWAY_TIMEOUT.as_u16());
+                    route.record_outcome(index, Outcome::Failure);
+                    e.address.clone()
+                },
+            );
+            return error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "no response within timeouts.request ({}) for route {}; last endpoint tried: {endpoint}",
+                    route.config.timeouts.request, route.id
+                ),
+            );
+        }
+    };
+    match attempt {
+        Attempted::Response { response, load } => {
+            finish(response, in_flight, load, upgrade.map(|(_, on)| on))
+        }
+        Attempted::Failed(response) => response,
+    }
+}
+
+enum RequestBody {
+    Replayable(Bytes),
+    Streaming(Option<ProxyBody>),
+}
+
+impl RequestBody {
+    fn take(&mut self) -> ProxyBody {
+        match self {
+            Self::Replayable(bytes) => Full::new(bytes.clone())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            Self::Streaming(body) => body.take().unwrap_or_else(|| {
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed_unsync()
+            }),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Self::Replayable(_))
+    }
+}
+
+enum Attempted {
+    Response {
+        response: Response<Incoming>,
+        load: LoadGuard,
+    },
+    Failed(Response<ProxyBody>),
+}
+
+/// The attempt loop: first try plus retries within the budget.
+async fn attempt_all(
+    route: &Arc<RouteRuntime>,
+    parts: &Parts,
+    body: &mut RequestBody,
+    last_tried: &AtomicUsize,
+) -> Attempted {
+    let cfg = &route.config.retries;
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
+    let mut tried: Vec<usize> = Vec::with_capacity(1 + cfg.attempts as usize);
+    let mut retries = 0_u32;
+    let mut _retry_guard: Option<RetryGuard> = None;
+    loop {
+        let index = match route.pick(&tried, &mut rng) {
+            Ok(i) => i,
+            Err(NoEndpoint::NoneUsable { total }) => {
+                return Attempted::Failed(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "route {} has no usable endpoint ({total} configured; the others are ejected or unhealthy)",
+                        route.id
+                    ),
+                ));
+            }
+            Err(NoEndpoint::Saturated { usable, limit }) => {
+                return Attempted::Failed(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "all {usable} usable endpoints of route {} are at limits.maxConcurrentRequests ({limit} requests in flight each)",
+                        route.id
+                    ),
+                ));
+            }
+        };
+        tried.push(index);
+        last_tried.store(index, Ordering::Relaxed);
+        let endpoint = Arc::clone(&route.endpoints[index]);
+        let load = LoadGuard::new(Arc::clone(&endpoint));
+        let request = upstream_request(parts, &endpoint, body.take());
+        let started = Instant::now();
+        let result = route.client.request(request).await;
+        let elapsed = started.elapsed();
+        let failure = match result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                endpoint.load.observe_rtt(elapsed);
+                endpoint.metrics.latency.observe(elapsed.as_secs_f64());
+                endpoint.metrics.count(status);
+                if let Some(report) = response
+                    .headers()
+                    .get(ORCA_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    match parse_orca(report) {
+                        Ok(report) => endpoint.record_load_report(&report, now_ms()),
+                        Err(e) => {
+                            tracing::debug!(endpoint = %endpoint.address, error = %e, "ignored load report")
+                        }
+                    }
+                }
+                let outcome = if status >= 500 {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                route.record_outcome(index, outcome);
+                let failure = Failure::Status(status);
+                if !may_retry(route, body, retries, failure) {
+                    return Attempted::Response { response, load };
+                }
+                let wait = retry::retry_after(
+                    response.headers(),
+                    SystemTime::now(),
+                    cfg.max_backoff.get(),
+                );
+                drop(response);
+                (failure, wait)
+            }
+            Err(error) => {
+                endpoint.metrics.count(StatusCode::BAD_GATEWAY.as_u16());
+                route.record_outcome(index, Outcome::Failure);
+                let failure = classify(&error);
+                if !may_retry(route, body, retries, failure) {
+                    return Attempted::Failed(error_response(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "endpoint {} of route {} failed: {} ({}) after {} attempt(s)",
+                            endpoint.address,
+                            route.id,
+                            describe(&error),
+                            failure_name(failure),
+                            retries + 1
+                        ),
+                    ));
+                }
+                (failure, None)
+            }
+        };
+        drop(load);
+        let (failure, retry_after) = failure;
+        let wait = retry_after.unwrap_or_else(|| {
+            retry::backoff(retries, cfg.backoff.get(), cfg.max_backoff.get(), &mut rng)
+        });
+        tracing::debug!(route = %route.id, endpoint = %endpoint.address, failure = failure_name(failure), ?wait, "retrying");
+        retries += 1;
+        route.metrics.retries.inc();
+        _retry_guard = Some(RetryGuard::new(Arc::clone(route)));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn may_retry(route: &RouteRuntime, body: &RequestBody, retries: u32, failure: Failure) -> bool {
+    let cfg = &route.config.retries;
+    body.replayable()
+        && retries < cfg.attempts
+        && failure.matches(&cfg.retry_on)
+        && retry::budget_allows(
+            route.active.load(Ordering::Relaxed),
+            route.active_retries.load(Ordering::Relaxed),
+            cfg.budget_percent,
+        )
+}
+
+/// Which retry condition a transport error is.
+fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
+    if error.is_connect() {
+        let mut source: Option<&(dyn StdError + 'static)> = error.source();
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::TimedOut
+            {
+                return Failure::ConnectTimeout;
+            }
+            source = e.source();
+        }
+        Failure::ConnectFailure
+    } else {
+        Failure::Reset
+    }
+}
+
+fn failure_name(f: Failure) -> &'static str {
+    match f {
+        Failure::Status(_) => "5xx",
+        Failure::ConnectFailure => "connect-failure",
+        Failure::ConnectTimeout => "connect timeout",
+        Failure::Reset => "reset",
+    }
+}
+
+/// The error and its causes, innermost last: `tcp connect error: Connection refused`.
+fn describe(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = e.source();
+    }
+    text
+}
+
+fn upstream_request(parts: &Parts, endpoint: &Endpoint, body: ProxyBody) -> Request<ProxyBody> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // An authority and path that came from a valid request always form a valid URI.
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(endpoint.authority.clone())
+        .path_and_query(path)
+        .build()
+        .unwrap_or_else(|_| Uri::from_static("/"));
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = parts.headers.clone();
+    if (!request.headers().contains_key(HOST) || parts.extensions.get::<RewriteHost>().is_some())
+        && let Ok(host) = HeaderValue::from_str(endpoint.authority.as_str())
+    {
+        request.headers_mut().insert(HOST, host);
+    }
+    request
+}
+
+/// Marks a request whose Host named the sidecar itself: the endpoint's address is sent
+/// instead, since a Host of `127.0.0.1:15001` means nothing to the backend.
+#[derive(Clone, Copy, Debug)]
+struct RewriteHost;
+
+/// Removes hop-by-hop headers and adds `X-Forwarded-*` and `Forwarded` (RFC 7239).
+fn prepare_request_headers(parts: &mut Parts, peer: SocketAddr, upgrade: Option<HeaderValue>) {
+    let original_host = parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+    remove_hop_by_hop(&mut parts.headers);
+    if let Some(upgrade) = upgrade {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, upgrade);
+    }
+    let ip = peer.ip();
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let forwarded_for = match parts.headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        parts.headers.insert(xff, v);
+    }
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    if !parts.headers.contains_key(&xfp) {
+        parts.headers.insert(xfp, HeaderValue::from_static("http"));
+    }
+    let mut forwarded = format!("for={}", forwarded_node(ip));
+    if let Some(host) = &original_host {
+        let xfh = HeaderName::from_static("x-forwarded-host");
+        if !parts.headers.contains_key(&xfh)
+            && let Ok(v) = HeaderValue::from_str(host)
+        {
+            parts.headers.insert(xfh, v);
+        }
+        forwarded.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+        if is_loopback_host(host) {
+            parts.extensions.insert(RewriteHost);
+        } else if !parts.headers.contains_key(HOST)
+            && let Ok(v) = HeaderValue::from_str(host)
+        {
+            // HTTP/2 carries the host in :authority; HTTP/1.1 upstream needs Host.
+            parts.headers.insert(HOST, v);
+        }
+    }
+    forwarded.push_str(";proto=http");
+    let combined = match parts
+        .headers
+        .get(header::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(existing) => format!("{existing}, {forwarded}"),
+        None => forwarded,
+    };
+    if let Ok(v) = HeaderValue::from_str(&combined) {
+        parts.headers.insert(header::FORWARDED, v);
+    }
+}
+
+/// RFC 7239 §6: IPv6 nodes are bracketed and quoted.
+fn forwarded_node(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Removes the RFC 9110 §7.6.1 hop-by-hop headers and every header `Connection` names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE)
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The endpoint's response, streamed back with the in-flight accounting attached to
+/// its body; a 101 is spliced into a bidirectional byte pipe.
+fn finish(
+    mut response: Response<Incoming>,
+    in_flight: InFlight,
+    load: LoadGuard,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            // The guards live as long as the tunnel: it is an active request.
+            let _guards = (in_flight, load);
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        tracing::debug!(error = %e, "upgraded connection closed");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(
+            parts,
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+    }
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    let body = Tracked {
+        inner: body.map_err(BoxError::from).boxed_unsync(),
+        _guards: (in_flight, load),
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// A plain-text error from the sidecar itself, marked with `x-trimtab-error`.
+pub fn error_response(status: StatusCode, message: String) -> Response<ProxyBody> {
+    let body = format!("trimtab: {message}\n");
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response.headers_mut().insert(
+        HeaderName::from_static("x-trimtab-error"),
+        HeaderValue::from_static("1"),
+    );
+    response
+}
+
+/// Counts a request as in flight on its route until its response body ends.
+#[derive(Debug)]
+struct InFlight(Arc<RouteRuntime>);
+
+impl InFlight {
+    fn new(route: Arc<RouteRuntime>) -> Self {
+        route.active.fetch_add(1, Ordering::Relaxed);
+        route.metrics.active.inc();
+        Self(route)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.active.dec();
+    }
+}
+
+/// Counts a request as active on its endpoint until its response body ends.
+#[derive(Debug)]
+struct LoadGuard(Arc<Endpoint>);
+
+impl LoadGuard {
+    fn new(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.load.start();
+        Self(endpoint)
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.load.finish();
+    }
+}
+
+/// Counts a retry in flight against the route's retry budget.
+#[derive(Debug)]
+struct RetryGuard(Arc<RouteRuntime>);
+
+impl RetryGuard {
+    fn new(route: Arc<RouteRuntime>) -> Self {
+        route.active_retries.fetch_add(1, Ordering::Relaxed);
+        Self(route)
+    }
+}
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.0.active_retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that releases its guards when it ends or is dropped.
+struct Tracked {
+    inner: ProxyBody,
+    _guards: (InFlight, LoadGuard),
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_hop_by_hop_headers_and_those_named_in_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn adds_forwarded_headers_and_appends_to_existing_ones() {
+        let (mut parts, _) = Request::builder()
+            .uri("/x")
+            .header(HOST, "127.0.0.1:15001")
+            .header("x-forwarded-for", "203.0.113.7")
+            .body(())
+            .expect("valid")
+            .into_parts();
+        prepare_request_headers(&mut parts, "127.0.0.1:5555".parse().expect("addr"), None);
+        let h = &parts.headers;
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "127.0.0.1:15001");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=127.0.0.1;host=\"127.0.0.1:15001\";proto=http"
+        );
+        assert!(parts.extensions.get::<RewriteHost>().is_some());
+    }
+
+    #[test]
+    fn quotes_ipv6_in_forwarded() {
+        assert_eq!(forwarded_node("::1".parse().expect("ip")), "\"[::1]\"");
+    }
+
+    #[test]
+    fn keeps_a_non_loopback_host() {
+        assert!(is_loopback_host("localhost:15001"));
+        assert!(is_loopback_host("[::1]:15001"));
+        assert!(is_loopback_host("127.0.0.1"));
+        assert!(!is_loopback_host("api.example.com"));
+    }
+
+    #[test]
+    fn recognises_upgrade_requests() {
+        let mut h = HeaderMap::new();
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!is_upgrade(&h));
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(is_upgrade(&h));
+    }
+}

@@ -1,0 +1,394 @@
+//! The running sidecar: the active config behind `arc-swap`, one listener per route,
+//! and [`Sidecar::apply`], which swaps in a new config without dropping a request.
+//!
+//! A reload validates first and binds any new listener ports before anything changes,
+//! so a config that cannot be served is refused whole and the old one keeps serving.
+//! Listeners whose port stays keep their socket; requests already in flight finish on
+//! the route generation they started on; listeners whose route is gone stop accepting
+//! and let their open connections finish (graceful shutdown).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{net::TcpListener, sync::watch};
+use trimtab_api::{
+    balancer_policy::ListenerProtocol,
+    sidecar_config::{ConfigError, SidecarConfig},
+};
+
+use crate::{
+    config_source::StateDir,
+    forward::{self, HttpClient},
+    health,
+    metrics::Metrics,
+    route::RouteRuntime,
+};
+
+/// What the request path reads: the active config and its routes by listener port.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// The config being served; `None` until the first one is applied.
+    pub config: Option<SidecarConfig>,
+    /// Routes by listener port.
+    pub routes: HashMap<u16, Arc<RouteRuntime>>,
+}
+
+/// State shared by every listener and the admin server.
+#[derive(Debug)]
+pub struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    /// Every metric.
+    pub metrics: Metrics,
+    /// Largest request body accepted, in bytes (413 above).
+    pub max_request_body: u64,
+}
+
+impl Shared {
+    /// The route on `port`, if the active config has one. Lock-free.
+    pub fn route(&self, port: u16) -> Option<Arc<RouteRuntime>> {
+        self.snapshot.load().routes.get(&port).cloned()
+    }
+
+    /// The active snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Whether a config has been loaded (the `/ready` answer).
+    pub fn is_ready(&self) -> bool {
+        self.snapshot.load().config.is_some()
+    }
+}
+
+/// How the sidecar serves, from its settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Address the route listeners bind (127.0.0.1: only the pod's own application).
+    pub listen_address: IpAddr,
+    /// Largest request body, in bytes.
+    pub max_request_body: u64,
+    /// Largest request head (request line and headers), in bytes: 431 above.
+    pub max_header_bytes: usize,
+    /// Where the last good config is kept (fail static).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// A config the sidecar refused; the running config is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// It failed validation.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// A dialect this sidecar does not serve.
+    #[error(
+        "routes[{index}].listener.protocol: {protocol:?} is not served by this sidecar; expected http"
+    )]
+    Protocol {
+        /// Index of the route.
+        index: usize,
+        /// The dialect asked for.
+        protocol: ListenerProtocol,
+    },
+    /// A new listener port could not be bound.
+    #[error("routes[{index}].listener.port: cannot listen on {address}: {source}")]
+    Bind {
+        /// Index of the route.
+        index: usize,
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Older than the config being served.
+    #[error("version: {version} is older than the running version {running}")]
+    Stale {
+        /// The refused version.
+        version: u64,
+        /// The running version.
+        running: u64,
+    },
+}
+
+struct ListenerHandle {
+    stop: watch::Sender<bool>,
+    local: SocketAddr,
+}
+
+#[derive(Default)]
+struct Reloading {
+    listeners: HashMap<u16, ListenerHandle>,
+    clients: HashMap<Duration, HttpClient>,
+}
+
+/// The running sidecar.
+pub struct Sidecar {
+    shared: Arc<Shared>,
+    options: Options,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    /// Held only while a config is applied, never on the request path.
+    reloading: tokio::sync::Mutex<Reloading>,
+    state_dir: Option<StateDir>,
+    version: AtomicU64,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sidecar {
+    /// A sidecar serving nothing yet.
+    pub fn new(options: Options, metrics: Metrics) -> Arc<Self> {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        // hyper answers 431 when the request head exceeds its read buffer, and 400 for
+        // a head it cannot parse. (hyper requires at least 8 KiB.)
+        http.http1()
+            .max_buf_size(options.max_header_bytes.max(8192));
+        http.http2()
+            .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+        Arc::new(Self {
+            shared: Arc::new(Shared {
+                snapshot: ArcSwap::from_pointee(Snapshot::default()),
+                metrics,
+                max_request_body: options.max_request_body,
+            }),
+            state_dir: options.state_dir.clone().map(StateDir::new),
+            options,
+            http: Arc::new(http),
+            reloading: tokio::sync::Mutex::new(Reloading::default()),
+            version: AtomicU64::new(0),
+        })
+    }
+
+    /// What the listeners and the admin server share.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The version of the config being served (0 before the first).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// The kept state directory, if any.
+    pub fn state_dir(&self) -> Option<&StateDir> {
+        self.state_dir.as_ref()
+    }
+
+    /// The local address of the listener on `port` (useful with port 0 in tests).
+    pub async fn listener_address(&self, port: u16) -> Option<SocketAddr> {
+        self.reloading
+            .lock()
+            .await
+            .listeners
+            .get(&port)
+            .map(|l| l.local)
+    }
+
+    /// Stops every listener: no new connections, open ones finish their requests.
+    pub async fn shutdown(&self) {
+        let mut reloading = self.reloading.lock().await;
+        for (_, handle) in reloading.listeners.drain() {
+            let _ = handle.stop.send(true);
+        }
+        for route in self.shared.snapshot().routes.values() {
+            route.retired.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Validates and serves `config`, or refuses it and keeps the running one.
+    pub async fn apply(&self, config: SidecarConfig) -> Result<(), ApplyError> {
+        let result = self.try_apply(config).await;
+        let label = if result.is_ok() { "applied" } else { "refused" };
+        self.shared
+            .metrics
+            .config_loads
+            .with_label_values(&[label])
+            .inc();
+        result
+    }
+
+    async fn try_apply(&self, config: SidecarConfig) -> Result<(), ApplyError> {
+        config.validate()?;
+        for (index, route) in config.routes.iter().enumerate() {
+            if route.listener.protocol != ListenerProtocol::Http {
+                return Err(ApplyError::Protocol {
+                    index,
+                    protocol: route.listener.protocol,
+                });
+            }
+        }
+        let mut reloading = self.reloading.lock().await;
+        let running = self.version();
+        if config.version < running {
+            return Err(ApplyError::Stale {
+                version: config.version,
+                running,
+            });
+        }
+        // Bind new ports first: if one fails, nothing has changed yet.
+        let mut bound = Vec::new();
+        for (index, route) in config.routes.iter().enumerate() {
+            let port = route.listener.port;
+            if reloading.listeners.contains_key(&port) {
+                continue;
+            }
+            let address = SocketAddr::new(self.options.listen_address, port);
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|source| ApplyError::Bind {
+                    index,
+                    address,
+                    source,
+                })?;
+            bound.push((port, listener));
+        }
+
+        let old = self.shared.snapshot.load_full();
+        let metrics = &self.shared.metrics;
+        let mut routes = HashMap::new();
+        for route in &config.routes {
+            let connect = route.timeouts.connect.get();
+            let client = reloading
+                .clients
+                .entry(connect)
+                .or_insert_with(|| forward::client(connect))
+                .clone();
+            let previous = old.routes.get(&route.listener.port).map(|r| &**r);
+            let runtime = Arc::new(RouteRuntime::build(
+                route.clone(),
+                previous,
+                client,
+                metrics,
+            ));
+            routes.insert(route.listener.port, runtime);
+        }
+        let version = config.version;
+        let to_save = config.clone();
+        self.shared.snapshot.store(Arc::new(Snapshot {
+            config: Some(config),
+            routes: routes.clone(),
+        }));
+        self.version.store(version, Ordering::Relaxed);
+        metrics
+            .config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+
+        // The old generation's background tasks stop; its in-flight requests finish.
+        for route in old.routes.values() {
+            route.retired.store(true, Ordering::Relaxed);
+            let kept: HashSet<&str> = routes
+                .get(&route.config.listener.port)
+                .filter(|r| r.id == route.id)
+                .map(|r| r.endpoints.iter().map(|e| e.address.as_str()).collect())
+                .unwrap_or_default();
+            for endpoint in &route.endpoints {
+                if !kept.contains(endpoint.address.as_str()) {
+                    metrics.forget_endpoint(&route.id, &endpoint.address);
+                }
+            }
+        }
+        for route in routes.values() {
+            health::start(Arc::clone(route));
+        }
+        for (port, listener) in bound {
+            let local = listener
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::new(self.options.listen_address, port));
+            let (stop, stopped) = watch::channel(false);
+            tokio::spawn(accept(
+                Arc::clone(&self.shared),
+                Arc::clone(&self.http),
+                listener,
+                port,
+                stopped,
+            ));
+            tracing::info!(%local, "listening");
+            reloading
+                .listeners
+                .insert(port, ListenerHandle { stop, local });
+        }
+        let removed: Vec<u16> = reloading
+            .listeners
+            .keys()
+            .filter(|p| !routes.contains_key(p))
+            .copied()
+            .collect();
+        for port in removed {
+            if let Some(handle) = reloading.listeners.remove(&port) {
+                let _ = handle.stop.send(true);
+                tracing::info!(local = %handle.local, "listener closed: its route left the config");
+            }
+        }
+        drop(reloading);
+        tracing::info!(version, routes = routes.len(), "config applied");
+        if let Some(dir) = &self.state_dir
+            && let Err(e) = dir.save(&to_save)
+        {
+            tracing::warn!(error = %e, "could not keep the config for fail-static restarts");
+        }
+        Ok(())
+    }
+}
+
+/// Accepts connections on one listener until told to stop; then stops accepting and
+/// asks its open connections to finish gracefully.
+async fn accept(
+    shared: Arc<Shared>,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    listener: TcpListener,
+    port: u16,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(port, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = Arc::clone(&shared);
+        let http = Arc::clone(&http);
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let service =
+                service_fn(move |req| forward::serve(Arc::clone(&shared), port, peer, req));
+            let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(port, %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
