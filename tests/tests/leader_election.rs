@@ -84,14 +84,12 @@ async fn the_second_replica_keeps_a_warm_index_and_takes_over_the_lease() {
             && index_b.config_for(NS, &labels).routes.len() == 1
     })
     .await;
+    let active_endpoints = async || {
+        let policy = policies.get("web").await.ok()?;
+        policy.status?.active_endpoints
+    };
     wait_until("the leader wrote the status", async || {
-        policies
-            .get("web")
-            .await
-            .ok()
-            .and_then(|p| p.status)
-            .and_then(|s| s.active_endpoints)
-            == Some(1)
+        active_endpoints().await == Some(1)
     })
     .await;
     assert!(!b.is_leader(), "only one replica leads");
@@ -110,13 +108,7 @@ async fn the_second_replica_keeps_a_warm_index_and_takes_over_the_lease() {
         .await
         .expect("policy updated");
     wait_until("replica b wrote the new status", async || {
-        policies
-            .get("web")
-            .await
-            .ok()
-            .and_then(|p| p.status)
-            .and_then(|s| s.active_endpoints)
-            == Some(2)
+        active_endpoints().await == Some(2)
     })
     .await;
     assert_eq!(index_b.config_for(NS, &labels).routes[0].endpoints.len(), 2);
