@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
+    rt::TokioIo,
 };
 use rand::{SeedableRng, rngs::SmallRng};
 
@@ -52,9 +52,6 @@ pub type HttpClient = Client<HttpConnector, ProxyBody>;
 /// `per_request_buffer_limit_bytes` plays the same role).
 pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the obsolete `Proxy-Connection` and
 /// `Keep-Alive` that clients still send): they describe one connection and must not
 /// be forwarded. Headers named in `Connection` are removed too.
@@ -70,12 +67,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// A pooled client whose connects give up after `connect_timeout`.
 pub fn client(connect_timeout: Duration) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector)
+    crate::http_client::pooled(connect_timeout)
 }
 
 /// Serves one request that arrived on the listener of `port`.

@@ -13,6 +13,7 @@ pub mod bots;
 pub mod config_source;
 pub mod forward;
 pub mod health;
+pub mod http_client;
 pub mod metrics;
 pub mod outlier;
 pub mod retry;

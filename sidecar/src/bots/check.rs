@@ -1,4 +1,4 @@
-//! Checks and invariant expectations: CEL expressions (via `cel-interpreter`) over the
+//! Checks and invariant expectations: CEL expressions (via the `cel` crate) over the
 //! response a user just got, its `vars` and `user.id`.
 //!
 //! CEL because it is the language Kubernetes users already write validation rules in,
@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use cel_interpreter::{Context, Program, Value, objects::Key};
+use cel::{Context, Program, Value, objects::Key};
 use http::HeaderMap;
 
 /// A CEL expression that does not parse.
@@ -30,33 +30,27 @@ pub struct Check {
 impl Check {
     /// Parses `source`.
     pub fn compile(source: &str) -> Result<Self, CelSyntaxError> {
-        // The CEL grammar's parser can panic on some malformed input in older
-        // releases; a panic here must become a refusal, not a crash.
-        let parsed = std::panic::catch_unwind(|| Program::compile(source));
-        match parsed {
-            Ok(Ok(program)) => Ok(Self {
+        match Program::compile(source) {
+            Ok(program) => Ok(Self {
                 source: source.to_owned(),
                 program,
             }),
-            Ok(Err(errors)) => {
+            Err(errors) => {
                 let first = errors.errors.first();
                 Err(CelSyntaxError {
-                    column: first.map(|e| e.pos.1 + 1).unwrap_or(0),
+                    // cel-parser reports (line, column) with a 1-based column.
+                    column: first.map(|e| e.pos.1).unwrap_or(0),
                     message: first
                         .map(|e| e.msg.clone())
                         .unwrap_or_else(|| errors.to_string()),
                 })
             }
-            Err(_) => Err(CelSyntaxError {
-                column: 0,
-                message: "the CEL parser could not read this expression".to_owned(),
-            }),
         }
     }
 
     /// `Ok(true)` when the expression holds, `Ok(false)` when it is false, `Err` with
     /// the evaluation error (a missing key, a type mismatch, a non-boolean result).
-    pub fn evaluate(&self, ctx: &Context<'_>) -> Result<bool, String> {
+    pub fn evaluate(&self, ctx: &Context<'_, '_>) -> Result<bool, String> {
         match self.program.execute(ctx) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("evaluated to {other:?}, expected a bool")),
@@ -72,7 +66,7 @@ pub fn context(
     json: Option<&serde_json::Value>,
     vars: &[(Arc<str>, serde_json::Value)],
     user_id: u64,
-) -> Context<'static> {
+) -> Context<'static, 'static> {
     let mut response: HashMap<Key, Value> = HashMap::new();
     response.insert(key("status"), Value::Int(i64::from(status)));
     let mut header_map: HashMap<Key, Value> = HashMap::new();
@@ -185,12 +179,32 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_the_column() {
-        let error = Check::compile("response.status == ").expect_err("incomplete");
-        assert!(error.column > 0, "{error}");
+        let error = Check::compile("response.status == 200 )").expect_err("stray parenthesis");
+        assert_eq!(error.column, 24, "{error}");
         assert!(
-            error.to_string().starts_with("CEL syntax error at column"),
+            error
+                .to_string()
+                .starts_with("CEL syntax error at column 24"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn malformed_expressions_are_refused_naming_the_column() {
+        // cel-interpreter 0.10's parser panicked on these; its successor, `cel`, reports them.
+        for source in [
+            "response.status == ",
+            "1 + @",
+            "x[",
+            "a ? b",
+            "'unterminated",
+        ] {
+            let error = Check::compile(source).expect_err("malformed");
+            assert!(
+                error.to_string().starts_with("CEL syntax error at column"),
+                "{source}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -7,10 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Uri, header::CONTENT_TYPE, header::COOKIE};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 
 use super::request::RenderedRequest;
 
@@ -21,17 +18,9 @@ pub type BotClient = Client<HttpConnector, Full<Bytes>>;
 /// (a scenario that needs more is downloading, not shopping).
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
 
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
 /// A pooled client whose connects give up after `connect_timeout`.
 pub fn client(connect_timeout: Duration) -> BotClient {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector)
+    crate::http_client::pooled(connect_timeout)
 }
 
 /// What came back.

@@ -338,9 +338,9 @@ mod tests {
     #[test]
     fn refuses_a_cel_syntax_error_naming_state_check_and_column() {
         let message =
-            compile_error(|s| state(s, "browse").checks[1] = "size(response.json.items > 0".into());
+            compile_error(|s| state(s, "browse").checks[1] = "size(response.json.items) 0".into());
         assert!(
-            message.starts_with("scenario.states[browse].checks[1]: CEL syntax error at column"),
+            message.starts_with("scenario.states[browse].checks[1]: CEL syntax error at column 27"),
             "{message}"
         );
     }

@@ -181,13 +181,13 @@ impl User {
             // journey depends only on the seed and the user id.
             let next = state.next.as_ref().map(|t| t.choose(&mut self.rng));
             let think = state.think.sample(&mut self.rng);
-            if shared.trace_user == Some(self.id) {
-                if let Ok(mut journey) = shared.journey.lock() {
-                    journey.push(JourneyStep {
-                        state: state.name.clone(),
-                        think,
-                    });
-                }
+            if shared.trace_user == Some(self.id)
+                && let Ok(mut journey) = shared.journey.lock()
+            {
+                journey.push(JourneyStep {
+                    state: state.name.clone(),
+                    think,
+                });
             }
             intended = finished_at + think;
             match next {
@@ -330,19 +330,19 @@ impl User {
                 failure,
             },
         );
-        if let Some(kind) = failure {
-            if shared.recorder.wants_example() {
-                let detail = first_failure.unwrap_or_else(|| format!("status {}", response.status));
-                shared.recorder.example(FailureExample {
-                    user: self.id,
-                    state: state.name.clone(),
-                    kind,
-                    request: line.unwrap_or_default(),
-                    status: Some(response.status),
-                    detail,
-                    response: excerpt(&response.body),
-                });
-            }
+        if let Some(kind) = failure
+            && shared.recorder.wants_example()
+        {
+            let detail = first_failure.unwrap_or_else(|| format!("status {}", response.status));
+            shared.recorder.example(FailureExample {
+                user: self.id,
+                state: state.name.clone(),
+                kind,
+                request: line.unwrap_or_default(),
+                status: Some(response.status),
+                detail,
+                response: excerpt(&response.body),
+            });
         }
         Some(done)
     }

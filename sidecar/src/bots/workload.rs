@@ -177,11 +177,14 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, shard: Shard, start: Instant) 
             ));
             let mut elapsed = Duration::ZERO;
             let mut seq = 0u64;
-            while per_second > 0.0 {
+            // A zero rate (a shard of a tiny rate) sends nothing rather than spinning.
+            let mut running = per_second > 0.0;
+            while running {
                 elapsed = next_arrival(&mut rng, elapsed, per_second, ramp_up);
                 let at = start + elapsed;
                 if at >= shared.deadline {
-                    break;
+                    running = false;
+                    continue;
                 }
                 tokio::time::sleep_until(at).await;
                 let id = shard.arrival_id(seq);
