@@ -19,29 +19,40 @@ use crate::{balancer::weights::balance_score, route::now_ms, sidecar::Shared};
 
 /// Serves the admin endpoints on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    serve_fn(listener, move |req| handle(&shared, req)).await;
+}
+
+/// Serves small in-memory answers (metrics, probes) from `handle`, HTTP/1.1 or h2c,
+/// until the process ends; only GET and HEAD reach `handle`.
+pub async fn serve_fn<F>(listener: TcpListener, handle: F)
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
     let http = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let handle = Arc::new(handle);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
-        let shared = Arc::clone(&shared);
+        let handle = Arc::clone(&handle);
         let http = Arc::clone(&http);
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(Arc::clone(&shared), req));
+            let service = service_fn(move |req| {
+                let response = if req.method() == Method::GET || req.method() == Method::HEAD {
+                    handle(&req)
+                } else {
+                    text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into())
+                };
+                async move { Ok::<_, Infallible>(response) }
+            });
             let _ = http.serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
-async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()));
-    }
-    Ok(match req.uri().path() {
+fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" if shared.is_ready() => text(StatusCode::OK, "ready\n".into()),
         "/ready" => text(
@@ -62,7 +73,7 @@ async fn handle(
             }
         }
         "/metrics" => {
-            refresh_gauges(&shared);
+            refresh_gauges(shared);
             match shared.metrics.encode() {
                 Ok(body) => with_type(
                     Response::new(Full::new(Bytes::from(body))),
@@ -75,7 +86,7 @@ async fn handle(
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /live, /ready or /config\n".into(),
         ),
-    })
+    }
 }
 
 /// Sets the gauges that describe state rather than count events, at scrape time.
@@ -133,7 +144,8 @@ fn refresh_gauges(shared: &Shared) {
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+/// A plain-text response.
+pub fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = with_type(
         Response::new(Full::new(Bytes::from(body))),
         "text/plain; charset=utf-8",
@@ -142,7 +154,8 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
-fn with_type(
+/// `response` with its content type set.
+pub fn with_type(
     mut response: Response<Full<Bytes>>,
     content_type: &'static str,
 ) -> Response<Full<Bytes>> {

@@ -20,6 +20,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 use trimtab_api::{duration::Duration as SpecDuration, load_test::LoadTestSpec};
 use trimtab_sidecar::bots::{
+    gate::UNLIMITED,
+    metrics,
     results::{Latency, Results},
     run::{Compiled, Run, RunError, RunOptions},
     shard::Shard,
@@ -68,7 +70,16 @@ struct RunArgs {
     /// Print this user's states and think times at the end (replay with --seed).
     #[arg(long, env = "TRIMTAB_TRACE_USER")]
     trace_user: Option<u64>,
+    /// Serve /metrics (Prometheus) and /live on this address while running, e.g.
+    /// 127.0.0.1:9464 (0.0.0.0:9464 in a pod).
+    #[arg(long, env = "TRIMTAB_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
+
+/// The run finished, but the guard aborted it (criticalLoad): not a success.
+#[derive(Debug, thiserror::Error)]
+#[error("aborted by the guard: {0}")]
+struct Aborted(String);
 
 fn read_spec(path: &Path) -> anyhow::Result<LoadTestSpec> {
     let text =
@@ -131,10 +142,12 @@ fn main() -> ExitCode {
                 Some(run_error) => eprintln!("trimtab-bots: {run_error}"),
                 None => eprintln!("trimtab-bots: {e:#}"),
             }
-            // 2: the scenario was refused; 3: the target did not answer; 1: anything else.
+            // 2: the scenario was refused; 3: the target did not answer; 4: the guard
+            // aborted the run (criticalLoad); 1: anything else.
             let code = match e.downcast_ref::<RunError>() {
                 Some(RunError::Compile(_) | RunError::Workload(_)) => 2,
                 Some(RunError::Unreachable { .. } | RunError::TargetUrl { .. }) => 3,
+                None if e.is::<Aborted>() => 4,
                 None => 1,
             };
             ExitCode::from(code)
@@ -154,9 +167,24 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ..RunOptions::default()
     };
     let compiled = Compiled::new(&spec, &options)?;
+    for note in compiled.notes() {
+        eprintln!("trimtab-bots: note: {note}");
+    }
     let (target_users, duration) = (compiled.target_users(), compiled.duration());
+    // Bound before the run starts, so a port in use is an error, not a silent gap.
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?,
+        ),
+        None => None,
+    };
     let run = Run::start(compiled, &options).await?;
     let shared = run.shared.clone();
+    if let Some(listener) = metrics {
+        tokio::spawn(metrics::serve(listener, shared.clone()));
+    }
 
     let bar = progress_bar(duration);
     let ticker = {
@@ -176,8 +204,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     now.saturating_duration_since(shared.deadline - duration)
                         .as_secs(),
                 );
+                let guard = match shared.gate.ceiling() {
+                    _ if shared.gate.is_aborted() => " · ABORTED".to_owned(),
+                    UNLIMITED => String::new(),
+                    ceiling => format!(" · holding at {ceiling} users"),
+                };
                 bar.set_message(format!(
-                    "users {}/{} · {:.0} rps · p99 {} · errors {} · violations {}",
+                    "users {}/{} · {:.0} rps · p99 {} · errors {} · violations {}{guard}",
                     live.active_users.load(Relaxed),
                     target_users,
                     rps,
@@ -193,6 +226,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
 
     print!("{}", table(&output.results, output.elapsed));
+    for event in &output.guard {
+        let ceiling = event
+            .ceiling
+            .map(|c| format!(" at {c} users"))
+            .unwrap_or_default();
+        println!(
+            "guard {:>7.1} s: {:?}{ceiling} {}",
+            event.at_seconds, event.state, event.reason
+        );
+    }
     if !output.journey.is_empty() {
         println!("\njourney of user {}:", args.trace_user.unwrap_or_default());
         for step in &output.journey {
@@ -203,7 +246,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let json = serde_json::to_vec_pretty(&output.results)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(())
+    match output.aborted() {
+        Some(reason) => Err(Aborted(reason.to_owned()).into()),
+        None => Ok(()),
+    }
 }
 
 fn progress_bar(duration: Duration) -> ProgressBar {

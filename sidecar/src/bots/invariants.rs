@@ -32,6 +32,7 @@ pub async fn poll(shared: Arc<Shared>, invariant: Arc<CompiledInvariant>) {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = tokio::time::sleep_until(shared.deadline) => return,
+            () = shared.gate.aborted() => return,
         }
         if Instant::now() >= shared.deadline {
             return;

@@ -5,15 +5,19 @@
 //! before any traffic. Then each bot user ([`user`]) walks the scenario's Markov chain
 //! with its own deterministic RNG, vars and cookie jar, while [`workload`] decides how
 //! many users run and when (closed or open model), [`shard`] gives this process its
-//! share, [`invariants`] polls the target's business rules, and everything measured
-//! lands in mergeable [`results`].
+//! share, [`invariants`] polls the target's business rules, [`guard`] holds or aborts
+//! the load through the [`gate`] when the bots see too many errors or too slow a p99,
+//! and everything measured lands in mergeable [`results`].
 //!
 //! Reading order: [`scenario`] → [`user`] → [`workload`] → [`run`].
 
 pub mod check;
 pub mod extract;
+pub mod gate;
+pub mod guard;
 pub mod http;
 pub mod invariants;
+pub mod metrics;
 pub mod recorder;
 pub mod request;
 pub mod results;

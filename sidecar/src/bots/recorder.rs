@@ -14,8 +14,8 @@ use std::{
 };
 
 use super::results::{
-    FailureCounts, FailureExample, FailureKind, InvariantResults, KEEP_EXAMPLES, Latency, Results,
-    StateResults,
+    FailureCounts, FailureExample, FailureKind, InvariantResults, KEEP_EXAMPLES, Latency,
+    LatencyHistogram, Results, StateResults,
 };
 
 /// Counters the progress bar reads every few hundred milliseconds.
@@ -216,13 +216,19 @@ impl Recorder {
         map.entry(name.to_owned()).or_default();
     }
 
+    /// Corrected latency of every request so far, merged (the guard's window is the
+    /// difference of two of these).
+    pub fn corrected(&self) -> LatencyHistogram {
+        let mut merged = LatencyHistogram::default();
+        for i in 0..self.stripes.len() {
+            self.with_stripe(i as u64, |s| merged.merge(&s.latency.corrected));
+        }
+        merged
+    }
+
     /// The p99 of corrected latency so far, for the progress bar.
     pub fn p99(&self) -> Duration {
-        let mut merged = Latency::default();
-        for i in 0..self.stripes.len() {
-            self.with_stripe(i as u64, |s| merged.corrected.merge(&s.latency.corrected));
-        }
-        merged.corrected.quantile(0.99)
+        self.corrected().quantile(0.99)
     }
 
     /// Everything recorded so far, merged.

@@ -10,6 +10,8 @@ use tokio::time::Instant;
 use trimtab_api::load_test::LoadTestSpec;
 
 use super::{
+    gate::Gate,
+    guard::{self, Guard, GuardEvent, GuardState},
     http::client,
     invariants,
     recorder::Recorder,
@@ -86,6 +88,8 @@ pub struct Compiled {
     plan: Plan,
     target: String,
     duration: Duration,
+    guard: Option<(Guard, Duration)>,
+    notes: Vec<String>,
 }
 
 impl Compiled {
@@ -100,13 +104,35 @@ impl Compiled {
             .trim_end_matches('/')
             .to_owned();
         let duration = options.duration.unwrap_or(spec.workload.duration.get());
+        let mut notes = Vec::new();
+        let guard = spec.guards.as_ref().and_then(|guards| {
+            let cpu = [&guards.max_load, &guards.critical_load]
+                .into_iter()
+                .flatten()
+                .any(|limits| limits.cpu.is_some());
+            if cpu {
+                notes.push(
+                    "guards: cpu limits need the target pods' metrics, which the operator \
+                     reads; this local run guards on errorRate and p99 only"
+                        .to_owned(),
+                );
+            }
+            Guard::new(guards).map(|guard| (guard, guards.window.get()))
+        });
         Ok(Self {
             scenario,
             invariants,
             plan,
             target,
             duration,
+            guard,
+            notes,
         })
+    }
+
+    /// What the run will not do that the spec asks for, and why.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The users this process runs (closed) or may run at once (open).
@@ -129,6 +155,18 @@ pub struct RunOutput {
     pub journey: Vec<JourneyStep>,
     /// Wall time from start to the last invariant check.
     pub elapsed: Duration,
+    /// Every hold, resume and abort of the guard.
+    pub guard: Vec<GuardEvent>,
+}
+
+impl RunOutput {
+    /// Why the guard aborted the run, if it did.
+    pub fn aborted(&self) -> Option<&str> {
+        self.guard
+            .iter()
+            .find(|e| e.state == GuardState::Aborted)
+            .map(|e| e.reason.as_str())
+    }
 }
 
 /// A run that has started.
@@ -140,6 +178,7 @@ pub struct Run {
     plan: Plan,
     shard: Shard,
     start: Instant,
+    guard: Option<(Guard, Duration)>,
 }
 
 impl Run {
@@ -165,6 +204,7 @@ impl Run {
             recorder,
             seed: options.seed,
             deadline: start + compiled.duration,
+            gate: Gate::default(),
             request_timeout: options.request_timeout,
             trace_user: options.trace_user,
             journey: std::sync::Mutex::default(),
@@ -175,12 +215,16 @@ impl Run {
             plan: compiled.plan,
             shard: options.shard,
             start,
+            guard: compiled.guard,
         })
     }
 
-    /// Runs users and invariants to the deadline, then checks every invariant once
-    /// more and returns the results.
+    /// Runs users, invariants and the guard to the deadline (or the guard's abort),
+    /// then checks every invariant once more and returns the results.
     pub async fn finish(self) -> RunOutput {
+        let guard = self
+            .guard
+            .map(|(guard, window)| tokio::spawn(guard::watch(self.shared.clone(), guard, window)));
         let pollers: Vec<_> = self
             .invariants
             .iter()
@@ -192,6 +236,11 @@ impl Run {
             // panic inside it, which the final check below still covers.
             let _ = poller.await;
         }
+        // The watch ends at the deadline or with its own abort, as the users did.
+        let guard = match guard {
+            Some(watch) => watch.await.unwrap_or_default(),
+            None => Vec::new(),
+        };
         for inv in &self.invariants {
             invariants::check_once(&self.shared, inv).await;
         }
@@ -203,6 +252,7 @@ impl Run {
             results: self.shared.recorder.snapshot(),
             journey,
             elapsed: self.start.elapsed(),
+            guard,
         }
     }
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::{
     check,
+    gate::{Admission, Gate},
     http::{BotClient, Response, SendError, send},
     recorder::{Outcome, Recorder},
     results::{FailureExample, FailureKind},
@@ -40,6 +41,8 @@ pub struct Shared {
     pub seed: u64,
     /// When every user stops.
     pub deadline: Instant,
+    /// The guard's ceiling on active users and its abort switch.
+    pub gate: Gate,
     /// Per-request timeout.
     pub request_timeout: Duration,
     /// A user whose journey is journaled (for `--trace-user` and replay tests).
@@ -154,11 +157,21 @@ impl User {
         let scenario = &shared.scenario;
         let mut current = scenario.start;
         loop {
-            if intended >= shared.deadline {
+            if intended >= shared.deadline || !shared.gate.sleep_until(intended).await {
                 return SessionEnd::Deadline;
             }
-            tokio::time::sleep_until(intended).await;
             let state = &scenario.states[current];
+            if state.request.is_some() {
+                match shared
+                    .gate
+                    .admit(&shared.recorder.live.active_users, shared.deadline)
+                    .await
+                {
+                    Admission::Now => {}
+                    Admission::Resumed(at) => intended = intended.max(at),
+                    Admission::Stopped => return SessionEnd::Deadline,
+                }
+            }
             let finished_at = match &state.request {
                 Some(_) => match self.visit(shared, current, state, intended).await {
                     Some(at) => at,

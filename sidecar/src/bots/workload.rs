@@ -8,7 +8,9 @@
 //!   queued, so a slow target cannot quietly lower the offered load.
 //!
 //! The schedule itself (ramp offsets, next arrival, parsing the rate) is pure; the
-//! spawning loop around it is the only I/O. Every loop ends at the deadline.
+//! spawning loop around it is the only I/O. Every loop ends at the deadline. While the
+//! guard holds the load ([`super::gate`]), the closed ramp pauses and open arrivals
+//! above the ceiling are dropped.
 
 use std::{
     ops::Range,
@@ -142,19 +144,37 @@ pub fn next_arrival<R: Rng + ?Sized>(
     }
 }
 
-/// Runs the plan until the deadline; returns when every user has stopped.
+/// How often a held ramp looks whether it may go on.
+const HOLD_POLL: Duration = Duration::from_millis(100);
+
+/// Runs the plan until the deadline (or an abort); returns when every user has
+/// stopped.
 pub async fn run(shared: Arc<Shared>, plan: Plan, shard: Shard, start: Instant) {
     let tracker = TaskTracker::new();
     match plan {
         Plan::Closed { ids, ramp_up } => {
             let m = ids.end - ids.start;
+            // Time spent holding shifts the rest of the ramp: it resumes where it
+            // stopped instead of starting every user it missed at once.
+            let mut held = Duration::ZERO;
             for (k, id) in ids.enumerate() {
-                let at = start + ramp_offset(k as u64, m, ramp_up);
-                if at >= shared.deadline {
+                let mut at = start + held + ramp_offset(k as u64, m, ramp_up);
+                if at >= shared.deadline || !shared.gate.sleep_until(at).await {
                     break;
                 }
-                if at > Instant::now() {
-                    tokio::time::sleep_until(at).await;
+                let hold_started = Instant::now();
+                while shared.recorder.live.active_users.load(Relaxed) >= shared.gate.ceiling() {
+                    if shared.gate.is_aborted() || Instant::now() >= shared.deadline {
+                        break;
+                    }
+                    tokio::time::sleep(HOLD_POLL).await;
+                }
+                if hold_started.elapsed() >= HOLD_POLL {
+                    held += hold_started.elapsed();
+                    at = Instant::now();
+                }
+                if at >= shared.deadline || shared.gate.is_aborted() {
+                    break;
                 }
                 let shared = shared.clone();
                 tracker.spawn(async move {
@@ -182,14 +202,15 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, shard: Shard, start: Instant) 
             while running {
                 elapsed = next_arrival(&mut rng, elapsed, per_second, ramp_up);
                 let at = start + elapsed;
-                if at >= shared.deadline {
+                if at >= shared.deadline || !shared.gate.sleep_until(at).await {
                     running = false;
                     continue;
                 }
-                tokio::time::sleep_until(at).await;
                 let id = shard.arrival_id(seq);
                 seq += 1;
-                if shared.recorder.live.active_users.load(Relaxed) >= max_users {
+                // While the guard holds, its ceiling caps sessions like maxUsers does.
+                let cap = max_users.min(shared.gate.ceiling());
+                if shared.recorder.live.active_users.load(Relaxed) >= cap {
                     shared.recorder.dropped(id);
                     continue;
                 }
@@ -204,7 +225,12 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, shard: Shard, start: Instant) 
         }
     }
     tracker.close();
-    tracker.wait().await;
+    // After an abort nobody sends again (the gate stops each user before its next
+    // request), so the run ends now rather than when the last think time is over.
+    tokio::select! {
+        () = tracker.wait() => {}
+        () = shared.gate.aborted() => {}
+    }
 }
 
 #[cfg(test)]
