@@ -2,11 +2,14 @@
 //! the endpoints' latest ORCA load reports (or, without `rps_fractional`, the request
 //! rate the sidecar itself saw) into samples, runs the pure
 //! [`crate::balancer::weights::compute`], and publishes the weights and load states.
-//! Without any fresh report the config's weights stand untouched.
+//! Without any fresh report the config's weights stand untouched. An endpoint ejected
+//! for load is let back in at `minWeight` once an interval passes without a report
+//! from it (it cannot report without traffic), so ejection lasts one interval at a
+//! time rather than until its last report expires.
 
 use std::sync::{Arc, atomic::Ordering};
 
-use trimtab_api::balancer_policy::Algorithm;
+use trimtab_api::balancer_policy::{Algorithm, EndpointState};
 
 use crate::{
     balancer::{
@@ -26,12 +29,16 @@ pub fn start(route: Arc<RouteRuntime>) {
 async fn update_loop(route: Arc<RouteRuntime>) {
     let cfg = route.config.weighting.clone();
     let interval = cfg.interval.get();
-    let mut previous: Vec<Weighted> = route
-        .endpoints
-        .iter()
-        .map(|e| Weighted {
-            weight: f64::from(e.load.weight()),
+    // The config's weights (1 each for static endpoints, the operator's 0–maxWeight
+    // otherwise) scaled to the range `compute` works in; starting from raw 1s would
+    // leave the step limit crawling up from the bottom for a dozen intervals.
+    let config_weights: Vec<u32> = route.endpoints.iter().map(|e| e.load.weight()).collect();
+    let mut previous: Vec<Weighted> = weights::initial(&config_weights, &cfg)
+        .into_iter()
+        .zip(route.endpoints.iter())
+        .map(|(w, e)| Weighted {
             state: e.load_state(),
+            ..w
         })
         .collect();
     let mut last_counts: Vec<(u64, u64)> = route
@@ -54,11 +61,13 @@ async fn update_loop(route: Arc<RouteRuntime>) {
         let now = now_ms();
         let expiry = u64::try_from(cfg.sample_expiry.get().as_millis()).unwrap_or(u64::MAX);
         let seconds = interval.as_secs_f64();
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         let samples: Vec<Option<Sample>> = route
             .endpoints
             .iter()
             .zip(last_counts.iter_mut())
-            .map(|(e, last)| {
+            .zip(&previous)
+            .map(|((e, last), prev)| {
                 let counts = (
                     e.responses.load(Ordering::Relaxed),
                     e.failures.load(Ordering::Relaxed),
@@ -68,6 +77,13 @@ async fn update_loop(route: Arc<RouteRuntime>) {
                 *last = counts;
                 let (utilization, qps, eps, at) = e.latest_load_report();
                 if at == 0 || now.saturating_sub(at) > expiry {
+                    return None;
+                }
+                // An ejected endpoint gets no requests, so it sends no reports: the one
+                // that ejected it would otherwise keep it out until it expires. With
+                // nothing newer than an interval, it comes back at minWeight, and its
+                // next reports decide.
+                if prev.state == EndpointState::Ejected && now.saturating_sub(at) > interval_ms {
                     return None;
                 }
                 Some(Sample {

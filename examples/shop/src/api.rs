@@ -411,7 +411,7 @@ async fn login(state: &State, req: Request<Incoming>) -> Result<Response<Full<By
             });
         }
     };
-    let (token, _) = state.sessions.login(user);
+    let (token, _) = state.store.sessions.login(user);
     state.metrics.sessions.inc();
     Ok(json(
         StatusCode::OK,
@@ -422,7 +422,7 @@ async fn login(state: &State, req: Request<Incoming>) -> Result<Response<Full<By
 fn list_products(state: &State, query: Option<&str>) -> Result<Response<Full<Bytes>>, ApiError> {
     let page = query_number(query, "page", 1, u32::MAX)?.unwrap_or(1);
     let size = query_number(query, "size", 1, MAX_PAGE_SIZE)?.unwrap_or(state.config.page_size);
-    let page = state.catalog.page(page, size);
+    let page = state.store.catalog.page(page, size);
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({
@@ -437,7 +437,7 @@ fn list_products(state: &State, query: Option<&str>) -> Result<Response<Full<Byt
 fn product_by_path<'a>(state: &'a State, id: &str) -> Result<&'a Product, ApiError> {
     id.parse::<ProductId>()
         .ok()
-        .and_then(|id| state.catalog.get(id))
+        .and_then(|id| state.store.catalog.get(id))
         .ok_or_else(|| ApiError::NoSuchProduct { id: truncate(id) })
 }
 
@@ -458,7 +458,7 @@ async fn add_to_cart(
     )?;
     let product = ProductId::try_from(id)
         .ok()
-        .and_then(|id| state.catalog.get(id))
+        .and_then(|id| state.store.catalog.get(id))
         .ok_or_else(|| ApiError::NoSuchProduct { id: id.to_string() })?;
     // Bounded by MAX_QUANTITY above, so it fits.
     let quantity = u32::try_from(quantity).unwrap_or(crate::cart::MAX_QUANTITY);
@@ -485,8 +485,13 @@ async fn add_to_cart(
 async fn check_out(state: &State, headers: &HeaderMap) -> Result<Response<Full<Bytes>>, ApiError> {
     let session = authenticate(state, headers)?;
     let lines = session.cart().take();
-    let placed =
-        checkout::place_order(&state.catalog, &state.orders, &lines, state.discipline).await;
+    let placed = checkout::place_order(
+        &state.store.catalog,
+        &state.store.orders,
+        &lines,
+        state.discipline,
+    )
+    .await;
     match placed {
         Ok(order) => {
             state.metrics.orders.with_label_values(&["placed"]).inc();
@@ -543,7 +548,11 @@ fn authenticate(state: &State, headers: &HeaderMap) -> Result<Arc<Session>, ApiE
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
         return Err(ApiError::MalformedAuthorization);
     }
-    state.sessions.get(token).ok_or(ApiError::UnknownToken)
+    state
+        .store
+        .sessions
+        .get(token)
+        .ok_or(ApiError::UnknownToken)
 }
 
 /// Reads at most [`MAX_BODY_BYTES`] and parses them as JSON.
@@ -683,7 +692,7 @@ impl<'a> CartView<'a> {
             .lines()
             .iter()
             .filter_map(|line| {
-                let product = state.catalog.get(line.product)?;
+                let product = state.store.catalog.get(line.product)?;
                 total_cents += product.price_cents * u64::from(line.quantity);
                 Some(CartItemView {
                     product: product.id,
@@ -715,6 +724,7 @@ impl StockView {
     fn of(state: &State) -> Self {
         Self {
             items: state
+                .store
                 .catalog
                 .products()
                 .iter()

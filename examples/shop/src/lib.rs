@@ -41,4 +41,4 @@ pub use capacity::{CapacityError, Resized};
 pub use catalog::{Oversold, ProductId};
 pub use config::{Bug, Config, ConfigError, ServiceTimeDistribution};
 pub use load::LoadReport;
-pub use server::{Shop, ShopError, ShopHandle};
+pub use server::{Shop, ShopError, ShopHandle, Store};

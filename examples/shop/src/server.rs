@@ -75,9 +75,7 @@ impl Published {
 #[derive(Debug)]
 pub struct State {
     pub(crate) config: Config,
-    pub(crate) catalog: Catalog,
-    pub(crate) sessions: Sessions,
-    pub(crate) orders: OrderNumbers,
+    pub(crate) store: Arc<Store>,
     pub(crate) pool: WorkerPool,
     pub(crate) meter: LoadMeter,
     pub(crate) metrics: Metrics,
@@ -85,8 +83,31 @@ pub struct State {
     published: ArcSwap<Published>,
 }
 
+/// What replicas of one shop share, as they would share a database: the catalog with
+/// its stock, the login sessions with their carts, and the order numbers. Each replica
+/// keeps its own worker pool, load, metrics and bugs.
+#[derive(Debug)]
+pub struct Store {
+    pub(crate) catalog: Catalog,
+    pub(crate) sessions: Sessions,
+    pub(crate) orders: OrderNumbers,
+}
+
+impl Store {
+    /// A store with the catalog `config` describes (its `products` and
+    /// `initial_stock`), for replicas started with [`Shop::bind_replica`].
+    pub fn new(config: &Config) -> Result<Arc<Self>, ShopError> {
+        config.validate()?;
+        Ok(Arc::new(Self {
+            catalog: Catalog::new(config.products, config.initial_stock),
+            sessions: Sessions::new(),
+            orders: OrderNumbers::default(),
+        }))
+    }
+}
+
 impl State {
-    fn new(config: Config) -> Result<Self, ShopError> {
+    fn new(config: Config, store: Arc<Store>) -> Result<Self, ShopError> {
         config.validate()?;
         let pool =
             WorkerPool::new(config.capacity, config.base_workers).map_err(ConfigError::from)?;
@@ -95,9 +116,7 @@ impl State {
             ..LoadReport::default()
         };
         Ok(Self {
-            catalog: Catalog::new(config.products, config.initial_stock),
-            sessions: Sessions::new(),
-            orders: OrderNumbers::default(),
+            store,
             pool,
             meter: LoadMeter::new(),
             metrics: Metrics::new()?,
@@ -127,7 +146,7 @@ impl State {
             .workers
             .set(i64::try_from(self.pool.workers()).unwrap_or(i64::MAX));
         metrics.capacity.set(self.pool.capacity());
-        let oversold = self.catalog.oversold();
+        let oversold = self.store.catalog.oversold();
         metrics
             .stock_negative_products
             .set(i64::from(oversold.products));
@@ -156,7 +175,19 @@ impl Shop {
     /// Binds `config.listen` (port 0 for an ephemeral port) and serves until the
     /// returned handle is shut down or dropped. Must be called within a Tokio runtime.
     pub async fn bind(config: Config) -> Result<(SocketAddr, ShopHandle), ShopError> {
-        let state = Arc::new(State::new(config)?);
+        let store = Store::new(&config)?;
+        Self::bind_replica(config, store).await
+    }
+
+    /// Starts one replica of a shop whose catalog, sessions and carts live in `store`,
+    /// shared with the other replicas: a user logged in on one replica can check out
+    /// on another, and checkouts on different replicas race for the same stock. The
+    /// store's catalog wins over `config.products` and `config.initial_stock`.
+    pub async fn bind_replica(
+        config: Config,
+        store: Arc<Store>,
+    ) -> Result<(SocketAddr, ShopHandle), ShopError> {
+        let state = Arc::new(State::new(config, store)?);
         let listen = state.config.listen;
         let listener = TcpListener::bind(listen)
             .await
@@ -227,12 +258,13 @@ impl ShopHandle {
 
     /// Stock of `product`, if it exists.
     pub fn stock(&self, product: ProductId) -> Option<i64> {
-        self.state.catalog.get(product).map(|p| p.stock())
+        self.state.store.catalog.get(product).map(|p| p.stock())
     }
 
     /// Sets the stock of `product` (restocking between runs); false if it does not exist.
     pub fn set_stock(&self, product: ProductId, stock: i64) -> bool {
         self.state
+            .store
             .catalog
             .get(product)
             .map(|p| p.set_stock(stock))
@@ -241,7 +273,7 @@ impl ShopHandle {
 
     /// Products below zero stock and the units oversold.
     pub fn oversold(&self) -> Oversold {
-        self.state.catalog.oversold()
+        self.state.store.catalog.oversold()
     }
 
     /// The config the shop runs with.

@@ -422,3 +422,41 @@ async fn shutdown_finishes_in_flight_requests_and_stops_listening() {
         "still listening"
     );
 }
+
+#[tokio::test]
+async fn replicas_sharing_a_store_share_sessions_carts_and_stock() {
+    let store = shop::Store::new(&fast()).expect("store");
+    let (a, shop_a) = Shop::bind_replica(fast(), store.clone())
+        .await
+        .expect("replica a");
+    let (b, shop_b) = Shop::bind_replica(
+        Config {
+            capacity: 2.0,
+            ..fast()
+        },
+        store,
+    )
+    .await
+    .expect("replica b");
+    let (on_a, on_b) = (Shopper::new(a), Shopper::new(b));
+
+    // Logged in on one replica, shopping on the other.
+    let token = on_a.login("bot-1").await;
+    let before = on_b.stock_of(1).await;
+    let reply = on_b
+        .post(
+            "/api/cart",
+            Some(&token),
+            r#"{"product": 1, "quantity": 2}"#,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let reply = on_a
+        .send(Method::POST, "/api/checkout", Some(&token), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(on_b.stock_of(1).await, before - 2);
+    assert_eq!(shop_a.stock(1), shop_b.stock(1));
+    shop_a.shutdown().await;
+    shop_b.shutdown().await;
+}
