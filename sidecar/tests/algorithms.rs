@@ -156,3 +156,39 @@ async fn cpu_weighted_moves_traffic_toward_capacity_from_load_reports() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_weighted_lets_an_endpoint_ejected_for_load_back_once_it_cools() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let hot = backend("hot").await;
+    report_load(&a, 5_000.0);
+    report_load(&b, 5_000.0);
+    // Above criticalLoad whatever its traffic, until it cools (below).
+    *hot.load_report.lock().unwrap() =
+        Some(Arc::new(|| Some("TEXT cpu_utilization=0.99".to_owned())));
+    let port = free_port();
+    let mut r = route("r", port, Algorithm::CpuWeighted, &[&a, &b, &hot]);
+    r.weighting.interval = ApiDuration::from_millis(200);
+    // Its last report would keep it out for a minute if stale reports counted.
+    r.weighting.sample_expiry = ApiDuration::from_secs(60);
+    let _s = sidecar(vec![r]).await;
+    let load = |seconds: u64| async move {
+        let (_, failed) = spread(&client(), port, 20_000, Duration::from_secs(seconds)).await;
+        assert_eq!(failed, 0);
+    };
+    load(1).await;
+    let before = hot.hits();
+    load(1).await;
+    let while_hot = hot.hits() - before;
+    // Now it reports like the others: its rate over the same capacity.
+    report_load(&hot, 5_000.0);
+    load(2).await;
+    let before = (hot.hits(), a.hits() + b.hits());
+    load(1).await;
+    let (hot_after, others_after) = (hot.hits() - before.0, a.hits() + b.hits() - before.1);
+    let share = hot_after as f64 / (hot_after + others_after) as f64;
+    assert!(
+        share > 0.1,
+        "back in service it got {share:.2} of the traffic ({hot_after} requests; {while_hot} while hot)"
+    );
+}
