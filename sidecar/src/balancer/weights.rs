@@ -135,6 +135,23 @@ pub struct Weighted {
     pub weight: f64,
     /// Active, Throttled or Ejected.
     pub state: EndpointState,
+    /// The smoothed weight before throttling: what the next interval smooths from.
+    /// Smoothing from the throttled weight instead would apply `maxLoad ÷
+    /// utilization` again every interval an endpoint stays hot, sinking it far below
+    /// its share and making it climb back at the smoothing rate (overshoot and slow
+    /// settling, measured by `benches/balancing.rs`).
+    pub smoothed: f64,
+}
+
+impl Weighted {
+    /// A weight that is also its own smoothed state (a fresh start).
+    pub fn new(weight: f64, state: EndpointState) -> Self {
+        Self {
+            weight,
+            state,
+            smoothed: weight,
+        }
+    }
 }
 
 /// gRFC A58: qps / (utilization + eps/qps × penalty); `None` when the sample cannot
@@ -200,18 +217,19 @@ pub fn compute(
         .enumerate()
         .map(|(i, prev)| {
             let target = targets[i].unwrap_or(average);
-            let smoothed = if prev.weight <= 0.0 {
+            let smoothed = if prev.weight <= 0.0 || prev.smoothed <= 0.0 {
                 // Back from ejection: start small and let the step limit ramp it up,
                 // rather than hand the endpoint that just overloaded a full share again.
                 min
             } else {
-                let ewma = prev.weight + cfg.smoothing * (target - prev.weight);
+                let ewma = prev.smoothed + cfg.smoothing * (target - prev.smoothed);
                 ewma.clamp(
-                    prev.weight * (1.0 - cfg.max_step_change).max(0.0),
-                    prev.weight * (1.0 + cfg.max_step_change),
+                    prev.smoothed * (1.0 - cfg.max_step_change).max(0.0),
+                    prev.smoothed * (1.0 + cfg.max_step_change),
                 )
             };
-            let weight = smoothed.clamp(min, max);
+            let smoothed = smoothed.clamp(min, max);
+            let weight = smoothed;
             let utilization = samples[i].map_or(0.0, |s| s.utilization);
             let mut state = load_state(prev.state, utilization, cfg);
             if state == EndpointState::Ejected {
@@ -233,7 +251,11 @@ pub fn compute(
                 }
                 EndpointState::Active => weight,
             };
-            Weighted { weight, state }
+            Weighted {
+                weight,
+                state,
+                smoothed,
+            }
         })
         .collect()
 }
@@ -244,14 +266,14 @@ pub fn initial(config_weights: &[u32], cfg: &Weighting) -> Vec<Weighted> {
     let best = config_weights.iter().copied().max().unwrap_or(0);
     config_weights
         .iter()
-        .map(|w| Weighted {
-            weight: if best == 0 {
+        .map(|w| {
+            let weight = if best == 0 {
                 f64::from(cfg.max_weight)
             } else {
                 (f64::from(*w) / f64::from(best) * f64::from(cfg.max_weight))
                     .max(f64::from(cfg.min_weight))
-            },
-            state: EndpointState::Active,
+            };
+            Weighted::new(weight, EndpointState::Active)
         })
         .collect()
 }
@@ -386,13 +408,7 @@ mod tests {
     #[test]
     fn throttled_endpoints_lose_weight_and_ejected_ones_all_of_it() {
         let c = cfg();
-        let prev = vec![
-            Weighted {
-                weight: 100.0,
-                state: EndpointState::Active
-            };
-            3
-        ];
+        let prev = vec![Weighted::new(100.0, EndpointState::Active); 3];
         let samples = [
             Some(Sample {
                 utilization: 0.2,
@@ -415,24 +431,52 @@ mod tests {
         assert_eq!(next[1].state, EndpointState::Throttled);
         assert!(next[1].weight < next[0].weight, "{next:?}");
         assert_eq!(
-            next[2],
-            Weighted {
-                weight: 0.0,
-                state: EndpointState::Ejected
-            }
+            (next[2].weight, next[2].state),
+            (0.0, EndpointState::Ejected)
         );
+    }
+
+    #[test]
+    fn a_throttle_does_not_compound_from_one_interval_to_the_next() {
+        let c = Weighting {
+            smoothing: 0.3,
+            ..cfg()
+        };
+        // Two equal endpoints, one of them hot (above maxLoad) interval after interval.
+        let samples = [
+            Some(Sample {
+                utilization: 0.5,
+                qps: 50.0,
+                eps: 0.0,
+            }),
+            Some(Sample {
+                utilization: 1.0,
+                qps: 100.0,
+                eps: 0.0,
+            }),
+        ];
+        let mut w = vec![Weighted::new(100.0, EndpointState::Active); 2];
+        let mut published = Vec::new();
+        for _ in 0..20 {
+            w = compute(&w, &samples, &c);
+            published.push(w[1].weight);
+        }
+        assert_eq!(w[1].state, EndpointState::Throttled);
+        // The throttle is applied once to a smoothed weight that settles, so the
+        // published weight settles too rather than sinking toward the floor.
+        let last = published[published.len() - 1];
+        assert!(
+            (published[published.len() - 5] - last).abs() < 1.0,
+            "{published:?}"
+        );
+        let expected = w[1].smoothed * c.max_load;
+        assert!((last - expected).abs() < 1e-9, "{last} vs {expected}");
     }
 
     #[test]
     fn does_not_eject_when_the_others_cannot_absorb_the_load() {
         let c = cfg();
-        let prev = vec![
-            Weighted {
-                weight: 100.0,
-                state: EndpointState::Active
-            };
-            2
-        ];
+        let prev = vec![Weighted::new(100.0, EndpointState::Active); 2];
         let samples = [
             Some(Sample {
                 utilization: 0.7,
@@ -465,13 +509,7 @@ mod tests {
             smoothing: 1.0,
             ..cfg()
         };
-        let prev = vec![
-            Weighted {
-                weight: 10.0,
-                state: EndpointState::Active
-            };
-            2
-        ];
+        let prev = vec![Weighted::new(10.0, EndpointState::Active); 2];
         let samples = [
             Some(Sample {
                 utilization: 0.1,
