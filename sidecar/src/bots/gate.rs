@@ -79,7 +79,15 @@ impl Gate {
     /// is not cut short: a sleeping user sends nothing, and not registering a million
     /// sleepers with the stop switch keeps the hot path free of its lock.
     pub async fn sleep_until(&self, at: Instant) -> bool {
-        tokio::time::sleep_until(at).await;
+        // Without think time the next request is already due: registering a timer
+        // would only cost a driver wake-up per request.
+        if at > Instant::now() {
+            tokio::time::sleep_until(at).await;
+        } else {
+            // Still a yield point once the task's budget is spent, as the sleep was,
+            // so a user whose requests fail instantly cannot starve the others.
+            tokio::task::consume_budget().await;
+        }
         !self.is_aborted()
     }
 
