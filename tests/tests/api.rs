@@ -137,9 +137,10 @@ async fn crds_install_and_examples_apply_and_kubectl_shows_them() {
             .output()
             .expect("kubectl runs"),
     );
+    // One per BalancerPolicy or LoadTest in examples/*.yaml (four policies, one test).
     assert_eq!(
         by_category.lines().count(),
-        4,
+        5,
         "kubectl get trimtab:\n{by_category}"
     );
 
