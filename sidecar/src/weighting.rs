@@ -29,6 +29,10 @@ pub fn start(route: Arc<RouteRuntime>) {
 async fn update_loop(route: Arc<RouteRuntime>) {
     let cfg = route.config.weighting.clone();
     let interval = cfg.interval.get();
+    // Fixed for the route's lifetime (a new config starts a new updater).
+    let expiry = u64::try_from(cfg.sample_expiry.get().as_millis()).unwrap_or(u64::MAX);
+    let seconds = interval.as_secs_f64();
+    let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
     // The config's weights (1 each for static endpoints, the operator's 0–maxWeight
     // otherwise) scaled to the range `compute` works in; starting from raw 1s would
     // leave the step limit crawling up from the bottom for a dozen intervals.
@@ -59,9 +63,6 @@ async fn update_loop(route: Arc<RouteRuntime>) {
             return;
         }
         let now = now_ms();
-        let expiry = u64::try_from(cfg.sample_expiry.get().as_millis()).unwrap_or(u64::MAX);
-        let seconds = interval.as_secs_f64();
-        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         let samples: Vec<Option<Sample>> = route
             .endpoints
             .iter()

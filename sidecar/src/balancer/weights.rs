@@ -229,7 +229,6 @@ pub fn compute(
                 )
             };
             let smoothed = smoothed.clamp(min, max);
-            let weight = smoothed;
             let utilization = samples[i].map_or(0.0, |s| s.utilization);
             let mut state = load_state(prev.state, utilization, cfg);
             if state == EndpointState::Ejected {
@@ -247,9 +246,9 @@ pub fn compute(
                 EndpointState::Ejected | EndpointState::Unhealthy => 0.0,
                 // Scaled toward the share that would bring it back to maxLoad.
                 EndpointState::Throttled => {
-                    (weight * cfg.max_load / utilization.max(cfg.max_load)).max(min)
+                    (smoothed * cfg.max_load / utilization.max(cfg.max_load)).max(min)
                 }
-                EndpointState::Active => weight,
+                EndpointState::Active => smoothed,
             };
             Weighted {
                 weight,
