@@ -461,6 +461,38 @@ pub fn is_host_port(s: &str) -> bool {
         && bytes[bytes.len() - 1].is_ascii_alphanumeric()
 }
 
+/// What a sidecar reports back to the config server (`POST /v1/load-reports`) for the
+/// `loadReports` weighting source: per endpoint, the utilization its backends reported
+/// in ORCA `endpoint-load-metrics` headers over the last window. The namespace is the
+/// reporting pod's own; a sidecar reports only for policies it was given.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadReport {
+    /// Seconds the report covers (the sidecar's report interval).
+    pub window_seconds: f64,
+    /// One entry per (policy, endpoint) that answered with load headers in the window.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointLoad>,
+}
+
+/// The load one sidecar saw from one endpoint of one policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointLoad {
+    /// Name of the policy (the route) the endpoint belongs to.
+    pub policy: String,
+    /// `host:port` of the endpoint, as in the route.
+    pub address: String,
+    /// Mean reported utilization in the window (gRFC A58: `application_utilization`
+    /// when positive, else `cpu_utilization`); 1.0 is fully busy.
+    pub utilization: f64,
+    /// Responses that carried a load report in the window.
+    pub requests: u64,
+    /// Of those, responses that counted as errors (5xx).
+    #[serde(default)]
+    pub errors: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
