@@ -4,7 +4,9 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
+    hash::{Hash, Hasher},
     sync::{Arc, RwLock},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use kube::core::{Selector, SelectorExt};
@@ -19,12 +21,30 @@ pub type PolicyKey = (String, String);
 struct Entry {
     selector: Selector,
     route: Route,
+    /// Hash of `route`, so a pod's ETag is computed without serializing routes.
+    hash: u64,
+}
+
+/// What one pod is served: its config, and an ETag that changes exactly when the
+/// config's routes do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodConfig {
+    /// The routes of every matching policy, with the index version.
+    pub config: SidecarConfig,
+    /// A quoted HTTP entity tag over the matched routes.
+    pub etag: String,
+    /// The matched policies with the hash of the route each contributed.
+    pub policies: Vec<(PolicyKey, u64)>,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    /// Bumped on every change, so a sidecar's config version only increases.
+    /// Milliseconds since the Unix epoch of the last change, bumped by at least one: a
+    /// restarted or standby operator stamps later versions than the one it replaces,
+    /// so a sidecar never sees its version go back.
     version: u64,
+    /// The first full list of policies is in.
+    synced: bool,
     policies: BTreeMap<PolicyKey, Entry>,
     /// UIDs of deleted policies, so that a reconcile still in flight when its policy
     /// was deleted cannot publish it again. Cleared after each re-list.
@@ -69,8 +89,16 @@ impl PolicyIndex {
                 .get(&key)
                 .is_some_and(|e| e.route == route && e.selector == selector);
             if !unchanged {
-                state.version += 1;
-                state.policies.insert(key, Entry { selector, route });
+                state.bump();
+                let hash = hash_of(&route);
+                state.policies.insert(
+                    key,
+                    Entry {
+                        selector,
+                        route,
+                        hash,
+                    },
+                );
             }
             state.version
         };
@@ -85,8 +113,7 @@ impl PolicyIndex {
             if state.policies.remove(key).is_none() {
                 return;
             }
-            state.version += 1;
-            state.version
+            state.bump()
         };
         self.changes.send_replace(version);
     }
@@ -103,30 +130,63 @@ impl PolicyIndex {
         let version = {
             let mut state = self.write();
             state.deleted.clear();
+            state.synced = true;
             let before = state.policies.len();
             state.policies.retain(|k, _| keep(k));
             if state.policies.len() == before {
                 return;
             }
-            state.version += 1;
-            state.version
+            state.bump()
         };
         self.changes.send_replace(version);
     }
 
     /// The config for a pod in `namespace` with `labels`: every route of that
-    /// namespace's policies whose client selector matches, ordered by policy name.
-    pub fn config_for(&self, namespace: &str, labels: &BTreeMap<String, String>) -> SidecarConfig {
+    /// namespace's policies whose client selector matches, ordered by policy name. No
+    /// other namespace's policy (nor its secrets) can reach the pod.
+    pub fn config_for(&self, namespace: &str, labels: &BTreeMap<String, String>) -> PodConfig {
         let state = self.read();
-        SidecarConfig {
-            version: state.version,
-            routes: state
-                .policies
-                .iter()
-                .filter(|((ns, _), e)| ns == namespace && e.selector.matches(labels))
-                .map(|(_, e)| e.route.clone())
-                .collect(),
+        let matched: Vec<_> = state
+            .policies
+            .iter()
+            .filter(|((ns, _), e)| ns == namespace && e.selector.matches(labels))
+            .collect();
+        let mut etag = std::collections::hash_map::DefaultHasher::new();
+        for (key, entry) in &matched {
+            key.hash(&mut etag);
+            entry.hash.hash(&mut etag);
         }
+        PodConfig {
+            etag: format!("\"{:016x}\"", etag.finish()),
+            policies: matched
+                .iter()
+                .map(|(key, e)| ((*key).clone(), e.hash))
+                .collect(),
+            config: SidecarConfig {
+                version: state.version,
+                routes: matched.into_iter().map(|(_, e)| e.route.clone()).collect(),
+            },
+        }
+    }
+
+    /// The hash of the route `key` currently publishes, if any.
+    pub fn route_hash(&self, key: &PolicyKey) -> Option<u64> {
+        self.read().policies.get(key).map(|e| e.hash)
+    }
+
+    /// The client selectors of every policy, for counting the sidecars each reaches.
+    pub fn selectors(&self) -> Vec<(PolicyKey, Selector, u64)> {
+        self.read()
+            .policies
+            .iter()
+            .map(|(k, e)| (k.clone(), e.selector.clone(), e.hash))
+            .collect()
+    }
+
+    /// Whether the first full list of policies has been indexed: before it, a pod's
+    /// config could be missing policies that exist.
+    pub fn is_synced(&self) -> bool {
+        self.read().synced
     }
 
     /// The current version.
@@ -150,5 +210,133 @@ impl PolicyIndex {
         self.state
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl State {
+    fn bump(&mut self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.version = now.max(self.version + 1);
+        self.version
+    }
+}
+
+/// A stable hash of a route (same binary, same hash: replicas agree on ETags).
+fn hash_of(route: &Route) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // A Route always serializes; an empty buffer would only make every ETag equal.
+    serde_json::to_vec(route)
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trimtab_api::{BalancerPolicy, sidecar_config::Endpoint};
+
+    fn route(name: &str, port: u16, address: &str) -> Route {
+        let policy: BalancerPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "trimtab.dev/v1alpha1",
+            "kind": "BalancerPolicy",
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {
+                "clients": {"podSelector": {"matchLabels": {"app": "web"}}},
+                "listener": {"port": port},
+                "endpoints": [address],
+            },
+        }))
+        .expect("policy");
+        Route::resolved(&policy, "ns", vec![Endpoint::new(address)])
+    }
+
+    fn selector(app: &str) -> Selector {
+        Selector::from_iter([("app".to_owned(), app.to_owned())])
+    }
+
+    fn labels(app: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("app".to_owned(), app.to_owned())])
+    }
+
+    #[test]
+    fn a_pod_gets_only_its_namespaces_matching_routes_and_the_etag_follows_them() {
+        let index = PolicyIndex::default();
+        let key = |n: &str| ("ns".to_owned(), n.to_owned());
+        index.upsert(
+            key("a"),
+            "1",
+            selector("web"),
+            route("a", 15001, "10.0.0.1:80"),
+        );
+        index.upsert(
+            key("b"),
+            "2",
+            selector("other"),
+            route("b", 15002, "10.0.0.2:80"),
+        );
+        index.upsert(
+            ("elsewhere".into(), "c".into()),
+            "3",
+            selector("web"),
+            route("c", 15003, "10.0.0.3:80"),
+        );
+        let first = index.config_for("ns", &labels("web"));
+        assert_eq!(first.config.routes.len(), 1);
+        assert_eq!(first.config.routes[0].name, "a");
+
+        // A change to a policy the pod does not match leaves its ETag alone.
+        index.upsert(
+            key("b"),
+            "2",
+            selector("other"),
+            route("b", 15002, "10.0.0.9:80"),
+        );
+        assert_eq!(index.config_for("ns", &labels("web")).etag, first.etag);
+
+        // A change to its own policy changes it, and the version only grows.
+        index.upsert(
+            key("a"),
+            "1",
+            selector("web"),
+            route("a", 15001, "10.0.0.7:80"),
+        );
+        let second = index.config_for("ns", &labels("web"));
+        assert_ne!(second.etag, first.etag);
+        assert!(second.config.version > first.config.version);
+
+        // Putting the old route back gives back the old ETag: the ETag names content.
+        index.upsert(
+            key("a"),
+            "1",
+            selector("web"),
+            route("a", 15001, "10.0.0.1:80"),
+        );
+        assert_eq!(index.config_for("ns", &labels("web")).etag, first.etag);
+    }
+
+    #[test]
+    fn versions_are_wall_clock_so_a_new_index_starts_above_an_old_one() {
+        let old = PolicyIndex::default();
+        for i in 0..100 {
+            old.upsert(
+                ("ns".into(), "a".into()),
+                "1",
+                selector("web"),
+                route("a", 15001, &format!("10.0.0.{i}:80")),
+            );
+        }
+        let new = PolicyIndex::default();
+        new.upsert(
+            ("ns".into(), "a".into()),
+            "1",
+            selector("web"),
+            route("a", 15001, "10.0.0.1:80"),
+        );
+        // 100 changes within a millisecond each push the old one ahead by at most 100.
+        assert!(new.version() + 100 >= old.version());
+        assert!(new.version() > 1_700_000_000_000);
     }
 }

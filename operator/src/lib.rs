@@ -6,8 +6,10 @@
 pub mod admin;
 pub mod balancer_policy;
 pub mod conditions;
+pub mod config_server;
 pub mod index;
 pub mod leader;
+pub mod load_reports;
 pub mod metrics;
 pub mod metrics_source;
 pub mod quantity;

@@ -2,13 +2,26 @@
 //! own metrics and probes.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use anyhow::Context as _;
 use clap::Parser;
 use kube::runtime::events::Reporter;
 use trimtab_operator::{
-    admin, balancer_policy,
+    admin,
+    balancer_policy::{self, Wiring},
+    config_server::{
+        self, ServerMetrics, ServerState,
+        auth::Authenticator,
+        tls::{self, CertSource},
+    },
     index::PolicyIndex,
     leader::{self, Leadership},
     metrics::Metrics,
@@ -21,6 +34,16 @@ struct Args {
     /// Address of the admin server (`/metrics`, `/live`, `/ready`).
     #[arg(long, env = "TRIMTAB_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     admin_addr: SocketAddr,
+    /// Address of the config server the sidecars long-poll (HTTPS).
+    #[arg(long, env = "TRIMTAB_CONFIG_ADDR", default_value = "0.0.0.0:8443")]
+    config_addr: SocketAddr,
+    /// PEM certificate chain of the config server; re-read when it changes. Without
+    /// it (and the key) a self-signed certificate is made at start, for local runs.
+    #[arg(long, env = "TRIMTAB_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `--tls-cert-file`.
+    #[arg(long, env = "TRIMTAB_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
     /// Name of this replica in Events (the pod name in a cluster).
     #[arg(long, env = "TRIMTAB_POD_NAME", default_value = "trimtab-operator")]
     instance: String,
@@ -58,11 +81,50 @@ async fn main() -> anyhow::Result<()> {
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let registry = prometheus::Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
-    let index = PolicyIndex::default();
-    let admin = admin::serve(args.admin_addr, registry)
+    let wiring = Wiring::new(PolicyIndex::default());
+    let admin = admin::serve(args.admin_addr, registry.clone())
         .await
         .with_context(|| format!("binding the admin server to {}", args.admin_addr))?;
     tracing::info!(addr = %admin.local_addr, "admin server listening");
+
+    let source = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => {
+            tracing::warn!("no --tls-cert-file: serving config with a self-signed certificate");
+            CertSource::SelfSigned(vec![
+                "localhost".into(),
+                "127.0.0.1".into(),
+                format!("trimtab-operator.{}.svc", args.namespace),
+            ])
+        }
+    };
+    let tls = tls::server_config(&source).context("setting up the config server's TLS")?;
+    let pods = wiring.pods.as_reader();
+    let pods_synced = Arc::new(AtomicBool::new(false));
+    {
+        let (pods, synced) = (pods.clone(), Arc::clone(&pods_synced));
+        tokio::spawn(async move {
+            if pods.wait_until_ready().await.is_ok() {
+                synced.store(true, Ordering::Release);
+            }
+        });
+    }
+    let state = Arc::new(ServerState {
+        index: wiring.index.clone(),
+        auth: Authenticator::new(client.clone()),
+        pods,
+        pods_synced,
+        load_reports: wiring.load_reports.clone(),
+        subscribers: wiring.subscribers.clone(),
+        metrics: ServerMetrics::register(&registry).context("registering metrics")?,
+    });
+    let config_addr = config_server::serve(args.config_addr, tls.config, state)
+        .await
+        .with_context(|| format!("binding the config server to {}", args.config_addr))?;
+    tracing::info!(addr = %config_addr, "config server listening");
 
     let reporter = Reporter {
         controller: "trimtab-operator".into(),
@@ -79,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
     .context("starting leader election")?;
     balancer_policy::run(
         client,
-        index,
+        wiring,
         metrics.controller("balancerpolicy"),
         reporter,
         leadership,

@@ -5,4 +5,5 @@
 
 pub mod cluster;
 pub mod crds;
+pub mod operator_process;
 pub mod prometheus_server;

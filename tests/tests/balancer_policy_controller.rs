@@ -50,7 +50,7 @@ async fn start() -> (TestCluster, Client, PolicyIndex) {
     };
     tokio::spawn(balancer_policy::run(
         client.clone(),
-        index.clone(),
+        balancer_policy::Wiring::new(index.clone()),
         metrics.controller("balancerpolicy"),
         reporter,
         Leadership::always(),
@@ -170,13 +170,19 @@ async fn service_policy_publishes_ready_endpoints_and_follows_endpoint_slices() 
 
     // The index serves the route to matching client pods only.
     let storefront = BTreeMap::from([("app".to_owned(), "storefront".to_owned())]);
-    let config = index.config_for(NS, &storefront);
+    let config = index.config_for(NS, &storefront).config;
     assert_eq!(config.routes.len(), 1);
     assert_eq!(config.routes[0].listener.port, 15001);
     assert_eq!(config.routes[0].endpoints.len(), 3);
     let other = BTreeMap::from([("app".to_owned(), "other".to_owned())]);
-    assert!(index.config_for(NS, &other).routes.is_empty());
-    assert!(index.config_for("elsewhere", &storefront).routes.is_empty());
+    assert!(index.config_for(NS, &other).config.routes.is_empty());
+    assert!(
+        index
+            .config_for("elsewhere", &storefront)
+            .config
+            .routes
+            .is_empty()
+    );
 
     // An endpoint becoming ready is picked up from the EndpointSlice watch.
     Api::<EndpointSlice>::namespaced(client.clone(), NS)
@@ -193,7 +199,7 @@ async fn service_policy_publishes_ready_endpoints_and_follows_endpoint_slices() 
         "config version only increases"
     );
     assert_eq!(
-        index.config_for(NS, &storefront).routes[0]
+        index.config_for(NS, &storefront).config.routes[0]
             .endpoints
             .iter()
             .filter(|e| e.weight > 0)
@@ -207,7 +213,7 @@ async fn service_policy_publishes_ready_endpoints_and_follows_endpoint_slices() 
         .await
         .expect("deleted");
     for _ in 0..100 {
-        if index.config_for(NS, &storefront).routes.is_empty() {
+        if index.config_for(NS, &storefront).config.routes.is_empty() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -240,7 +246,13 @@ async fn policy_over_a_missing_service_is_not_ready_and_names_it() {
         message.contains("Service shop/ghost not found"),
         "{message}"
     );
-    assert!(index.config_for(NS, &BTreeMap::new()).routes.is_empty());
+    assert!(
+        index
+            .config_for(NS, &BTreeMap::new())
+            .config
+            .routes
+            .is_empty()
+    );
 }
 
 #[tokio::test]

@@ -43,7 +43,7 @@ async fn the_second_replica_keeps_a_warm_index_and_takes_over_the_lease() {
         };
         let task = tokio::spawn(balancer_policy::run(
             client.clone(),
-            index.clone(),
+            balancer_policy::Wiring::new(index.clone()),
             metrics.controller("balancerpolicy"),
             reporter,
             leadership,
@@ -80,8 +80,8 @@ async fn the_second_replica_keeps_a_warm_index_and_takes_over_the_lease() {
     // Both replicas index the policy; the status is written (by the leader).
     let labels = BTreeMap::new();
     wait_until("both indexes hold the route", async || {
-        index_a.config_for(NS, &labels).routes.len() == 1
-            && index_b.config_for(NS, &labels).routes.len() == 1
+        index_a.config_for(NS, &labels).config.routes.len() == 1
+            && index_b.config_for(NS, &labels).config.routes.len() == 1
     })
     .await;
     let active_endpoints = async || {
@@ -111,5 +111,10 @@ async fn the_second_replica_keeps_a_warm_index_and_takes_over_the_lease() {
         active_endpoints().await == Some(2)
     })
     .await;
-    assert_eq!(index_b.config_for(NS, &labels).routes[0].endpoints.len(), 2);
+    assert_eq!(
+        index_b.config_for(NS, &labels).config.routes[0]
+            .endpoints
+            .len(),
+        2
+    );
 }

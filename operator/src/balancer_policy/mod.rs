@@ -35,16 +35,17 @@ use serde_json::json;
 use trimtab_api::{
     BalancerPolicy, BalancerPolicySpec,
     balancer_policy::{
-        Algorithm, EndpointState, EndpointStatus, MetricsSource as SourceKind, SidecarCounts,
-        Weighting,
+        Algorithm, EndpointState, EndpointStatus, MetricsSource as SourceKind, Weighting,
     },
     sidecar_config::{Endpoint, Route},
 };
 
 use crate::{
     conditions::{self, DEGRADED, READY, reason},
+    config_server::subscribers::Subscribers,
     index::{PolicyIndex, PolicyKey},
     leader::Leadership,
+    load_reports::LoadReports,
     metrics::ControllerMetrics,
     metrics_source::CpuUsage,
     metrics_source::{MetricsServer, MetricsSource, Prometheus},
@@ -101,8 +102,62 @@ pub struct Context {
     pods: Store<Pod>,
     /// The weight controller's memory per policy (smoothed samples, last weights).
     weights: Mutex<HashMap<PolicyKey, WeightState>>,
-    /// Subscribed sidecars per policy; the config server updates it.
-    pub sidecars: Arc<Mutex<HashMap<PolicyKey, SidecarCounts>>>,
+    /// The sidecars this replica serves; counted into `status.sidecars`.
+    subscribers: Subscribers,
+    /// Utilization the sidecars report, for `weighting.source: loadReports`.
+    load_reports: LoadReports,
+}
+
+/// What the controller shares with the config server: the index it publishes to, the
+/// pod store both read, and what the sidecars tell the server.
+#[derive(Debug)]
+pub struct Wiring {
+    /// Where published routes go.
+    pub index: PolicyIndex,
+    /// Filled by the controller's pod watch; the config server reads it.
+    pub pods: reflector::store::Writer<Pod>,
+    /// Who is subscribed.
+    pub subscribers: Subscribers,
+    /// Policies whose subscriber counts changed, so their status is rewritten.
+    pub sidecar_hints: tokio::sync::mpsc::Receiver<PolicyKey>,
+    /// Sidecars' load reports.
+    pub load_reports: LoadReports,
+}
+
+impl Wiring {
+    /// Fresh wiring around `index`; the pod store is read through `pods.as_reader()`.
+    pub fn new(index: PolicyIndex) -> Self {
+        let (subscribers, sidecar_hints) = Subscribers::new();
+        Self {
+            index,
+            pods: reflector::store::Writer::default(),
+            subscribers,
+            sidecar_hints,
+            load_reports: LoadReports::default(),
+        }
+    }
+}
+
+/// Turns subscriber-count hints into reconcile triggers, at most one per policy a
+/// second, so a thousand sidecars reconnecting cost one status write per policy.
+fn coalesced(
+    hints: tokio::sync::mpsc::Receiver<PolicyKey>,
+) -> impl futures_util::Stream<Item = ObjectRef<BalancerPolicy>> {
+    futures_util::stream::unfold(hints, |mut hints| async move {
+        let first = hints.recv().await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut keys = HashSet::from([first]);
+        while let Ok(key) = hints.try_recv() {
+            keys.insert(key);
+        }
+        Some((keys, hints))
+    })
+    .flat_map(|keys| {
+        futures_util::stream::iter(
+            keys.into_iter()
+                .map(|(ns, name)| ObjectRef::new(&name).within(&ns)),
+        )
+    })
 }
 
 impl std::fmt::Debug for Context {
@@ -114,14 +169,21 @@ impl std::fmt::Debug for Context {
 /// Runs the controller until the stream ends (on shutdown signal).
 pub async fn run(
     client: Client,
-    index: PolicyIndex,
+    wiring: Wiring,
     metrics: ControllerMetrics,
     reporter: Reporter,
     leadership: Leadership,
 ) {
+    let Wiring {
+        index,
+        pods: pods_writer,
+        subscribers,
+        sidecar_hints,
+        load_reports,
+    } = wiring;
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
-    let (pods, pods_writer) = reflector::store::<Pod>();
+    let pods = pods_writer.as_reader();
     let (policies, policies_writer) = reflector::store::<BalancerPolicy>();
 
     // Deleted policies leave the index; after a re-list, so do the ones deleted while
@@ -189,7 +251,8 @@ pub async fn run(
         slices,
         pods,
         weights: Mutex::default(),
-        sidecars: Arc::default(),
+        subscribers,
+        load_reports,
     });
 
     let by_service = {
@@ -232,6 +295,7 @@ pub async fn run(
         })
         .watches_stream(pod_stream, on_pod)
         .reconcile_all_on(became_leader)
+        .reconcile_on(coalesced(sidecar_hints))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -296,11 +360,10 @@ pub async fn reconcile(
 
     // status
     let current = policy.status.clone().unwrap_or_default();
-    let sidecars = ctx
-        .sidecars
-        .lock()
-        .map(|s| s.get(&key).cloned())
-        .unwrap_or_default();
+    let sidecars = outcome.route.as_ref().map(|(selector, _)| {
+        ctx.subscribers
+            .counts(&key, selector, ctx.index.route_hash(&key))
+    });
     let status = json!({
         "apiVersion": "trimtab.dev/v1alpha1",
         "kind": "BalancerPolicy",
@@ -415,54 +478,69 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
     // compute: cpuWeighted from CPU samples; every other algorithm gets equal weights,
     // which is what the weight controller gives endpoints without samples.
     let now = SystemTime::now();
-    let (weighting, mut degraded, requeue, usage) = if spec.algorithm == Algorithm::CpuWeighted {
-        let weighting = spec.weighting.clone().unwrap_or_default();
-        let source = source_for(&weighting, &ctx.client);
-        let (usage, problem) = match source.cpu_usage(namespace).await {
-            Ok(u) => (u, None),
-            Err(e) => {
-                ctx.metrics.metrics_source_error(&e.to_string());
-                let message = format!("{e}; keeping the last weights until they expire");
-                (
-                    CpuUsage::default(),
-                    Some((reason::METRICS_UNAVAILABLE, message)),
-                )
+    let (weighting, mut degraded, requeue, usage, reported) =
+        if spec.algorithm == Algorithm::CpuWeighted {
+            let weighting = spec.weighting.clone().unwrap_or_default();
+            let source = source_for(&weighting, &ctx.client);
+            if weighting.source == SourceKind::LoadReports {
+                // Until traffic flows there is nothing to report: no problem, equal weights.
+                let interval = weighting.interval.get();
+                let reported = ctx.load_reports.samples(&key, now);
+                (weighting, None, interval, CpuUsage::default(), reported)
+            } else {
+                let (usage, problem) = match source.cpu_usage(namespace).await {
+                    Ok(u) => (u, None),
+                    Err(e) => {
+                        ctx.metrics.metrics_source_error(&e.to_string());
+                        let message = format!("{e}; keeping the last weights until they expire");
+                        (
+                            CpuUsage::default(),
+                            Some((reason::METRICS_UNAVAILABLE, message)),
+                        )
+                    }
+                };
+                let missing: Vec<_> = resolved
+                    .iter()
+                    .filter(|e| e.cpu_request_millis.is_none())
+                    .filter_map(|e| e.pod.clone())
+                    .collect();
+                let problem = problem.or_else(|| {
+                    (!missing.is_empty()).then(|| {
+                        let message = format!(
+                            "pods without CPU requests, so their utilization is unknown: {}",
+                            missing.join(", ")
+                        );
+                        (reason::CPU_REQUESTS_MISSING, message)
+                    })
+                });
+                let interval = weighting.interval.get();
+                (weighting, problem, interval, usage, HashMap::new())
             }
+        } else {
+            (
+                Weighting::default(),
+                None,
+                RESYNC,
+                CpuUsage::default(),
+                HashMap::new(),
+            )
         };
-        let missing: Vec<_> = resolved
-            .iter()
-            .filter(|e| e.cpu_request_millis.is_none())
-            .filter_map(|e| e.pod.clone())
-            .collect();
-        let problem = problem.or_else(|| {
-            (!missing.is_empty()).then(|| {
-                let message = format!(
-                    "pods without CPU requests, so their utilization is unknown: {}",
-                    missing.join(", ")
-                );
-                (reason::CPU_REQUESTS_MISSING, message)
-            })
-        });
-        let interval = weighting.interval.get();
-        (weighting, problem, interval, usage)
-    } else {
-        (Weighting::default(), None, RESYNC, CpuUsage::default())
-    };
     let observations: Vec<Observation> = resolved
         .iter()
         .map(|e| Observation {
             address: e.address.clone(),
             pod: e.pod.clone(),
             ready: e.ready,
-            sample: e
-                .pod
-                .as_ref()
-                .and_then(|p| usage.cores.get(p))
-                .zip(e.cpu_request_millis)
-                .map(|(cores, millis)| Sample {
-                    window: usage.window,
-                    ..Sample::cpu(cores * 1000.0 / millis as f64, now)
-                }),
+            sample: reported.get(&e.address).cloned().or_else(|| {
+                e.pod
+                    .as_ref()
+                    .and_then(|p| usage.cores.get(p))
+                    .zip(e.cpu_request_millis)
+                    .map(|(cores, millis)| Sample {
+                        window: usage.window,
+                        ..Sample::cpu(cores * 1000.0 / millis as f64, now)
+                    })
+            }),
         })
         .collect();
     let computed = {

@@ -1,0 +1,504 @@
+//! The config server the sidecars long-poll (protocol: `docs/config-server.md`).
+//!
+//! Answers come from the in-memory [`PolicyIndex`] and the Pod reflector store, never
+//! from the API server on the request path; the only API call is a TokenReview when a
+//! token is not in the cache. Every replica serves, leader or not.
+
+pub mod auth;
+pub mod subscribers;
+pub mod tls;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{self, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{ObjectRef, Store};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use trimtab_api::sidecar_config::LoadReport;
+
+use self::{
+    auth::{AuthError, Authenticator, PodIdentity},
+    subscribers::Subscribers,
+};
+use crate::{index::PolicyIndex, load_reports::LoadReports};
+
+/// The default and the longest long-poll.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+const MAX_WAIT_SECONDS: u64 = 60;
+/// The largest load report accepted.
+const MAX_REPORT_BYTES: usize = 1 << 20;
+/// How long a TLS handshake may take before the connection is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the server reads and writes.
+#[derive(Debug)]
+pub struct ServerState {
+    /// The routes, by policy.
+    pub index: PolicyIndex,
+    /// Token → pod.
+    pub auth: Authenticator,
+    /// Every pod, for labels and UID checks.
+    pub pods: Store<Pod>,
+    /// Set once the pod store has its first full list.
+    pub pods_synced: Arc<AtomicBool>,
+    /// Where load reports go.
+    pub load_reports: LoadReports,
+    /// Who is subscribed.
+    pub subscribers: Subscribers,
+    /// Request counters.
+    pub metrics: ServerMetrics,
+}
+
+/// The config server's own metrics.
+#[derive(Clone, Debug)]
+pub struct ServerMetrics {
+    requests: IntCounterVec,
+    subscribers: IntGauge,
+}
+
+impl ServerMetrics {
+    /// Registers the families in `registry`.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "trimtab_operator_config_requests_total",
+                "Config server requests, by path and status code",
+            ),
+            &["path", "code"],
+        )?;
+        let subscribers = IntGauge::new(
+            "trimtab_operator_config_subscribers",
+            "Sidecars connected to this replica",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(subscribers.clone()))?;
+        Ok(Self {
+            requests,
+            subscribers,
+        })
+    }
+}
+
+/// A request that is refused, with the status and a message naming the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// See [`AuthError`].
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// The pod matches no policy and holds no config.
+    #[error("pod {namespace}/{name} matches no BalancerPolicy's spec.clients.podSelector")]
+    NoPolicy {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        name: String,
+    },
+    /// A load report for a policy the pod was not given.
+    #[error("endpoints[{index}].policy: pod {pod} was not given policy {policy:?}")]
+    NotGiven {
+        /// Position in the report.
+        index: usize,
+        /// `namespace/name` of the pod.
+        pod: String,
+        /// The policy named.
+        policy: String,
+    },
+    /// A query parameter or header that does not parse.
+    #[error("{field}: {message}")]
+    BadRequest {
+        /// The parameter, header or JSON path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A body over the limit.
+    #[error("body larger than {MAX_REPORT_BYTES} bytes")]
+    TooLarge,
+    /// The operator has not listed policies and pods yet.
+    #[error("the operator is starting: policies and pods are not listed yet")]
+    Starting,
+    /// An unknown path.
+    #[error("no such endpoint; this server has GET /v1/config and POST /v1/load-reports")]
+    NotFound,
+    /// A known path with the wrong method.
+    #[error("method not allowed; use {allow}")]
+    Method {
+        /// The method to use.
+        allow: &'static str,
+    },
+}
+
+impl RequestError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Auth(e) => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
+            Self::NoPolicy { .. } | Self::NotGiven { .. } => StatusCode::FORBIDDEN,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Starting => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let body = serde_json::json!({ "error": self.to_string() }).to_string();
+        let mut response = json_response(status, body.into());
+        let headers = response.headers_mut();
+        match &self {
+            Self::Starting | Self::Auth(AuthError::Review(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Self::Auth(AuthError::Missing | AuthError::Rejected(_)) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Method { allow } => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Binds `addr` and serves HTTPS in the background until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<ServerState>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "config server accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                else {
+                    return;
+                };
+                let service = service_fn(move |req| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(handle(req, &state).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+async fn handle(req: Request<Incoming>, state: &ServerState) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let result = match (req.method(), path.as_str()) {
+        (&Method::GET, "/v1/config") => config(req, state).await,
+        (&Method::POST, "/v1/load-reports") => load_report(req, state).await,
+        (_, "/v1/config") => Err(RequestError::Method { allow: "GET" }),
+        (_, "/v1/load-reports") => Err(RequestError::Method { allow: "POST" }),
+        _ => Err(RequestError::NotFound),
+    };
+    let response = result.unwrap_or_else(|e| {
+        if e.status().is_server_error() {
+            tracing::warn!(error = %e, "config request failed");
+        } else {
+            tracing::debug!(error = %e, "config request refused");
+        }
+        e.into_response()
+    });
+    let label = match path.as_str() {
+        "/v1/config" | "/v1/load-reports" => path.as_str(),
+        _ => "other",
+    };
+    state
+        .metrics
+        .requests
+        .with_label_values(&[label, response.status().as_str()])
+        .inc();
+    state
+        .metrics
+        .subscribers
+        .set(i64::try_from(state.subscribers.connected()).unwrap_or(i64::MAX));
+    response
+}
+
+/// The pod behind the request's token, checked against the pod store.
+async fn identify(
+    req: &Request<Incoming>,
+    state: &ServerState,
+) -> Result<(PodIdentity, Arc<Pod>), RequestError> {
+    if !state.index.is_synced() || !state.pods_synced.load(Ordering::Acquire) {
+        return Err(RequestError::Starting);
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(AuthError::Missing)?;
+    let identity = state.auth.authenticate(token).await?;
+    let pod = state
+        .pods
+        .get(&ObjectRef::new(&identity.name).within(&identity.namespace))
+        .filter(|p| p.metadata.uid.as_deref() == Some(identity.uid.as_str()))
+        .ok_or_else(|| AuthError::PodGone {
+            namespace: identity.namespace.clone(),
+            name: identity.name.clone(),
+            uid: identity.uid.clone(),
+        })?;
+    Ok((identity, pod))
+}
+
+/// The query parameters of `GET /v1/config`.
+#[derive(Debug, PartialEq)]
+struct Poll {
+    wait: Duration,
+    /// The version the sidecar holds: the answer's version is above it.
+    held: Option<u64>,
+}
+
+fn parse_query(query: Option<&str>) -> Result<Poll, RequestError> {
+    let mut poll = Poll {
+        wait: DEFAULT_WAIT,
+        held: None,
+    };
+    let bad = |field: &str, message: String| RequestError::BadRequest {
+        field: format!("query parameter {field}"),
+        message,
+    };
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "wait" => {
+                let seconds: u64 = value.parse().map_err(|_| {
+                    bad(
+                        "wait",
+                        format!("{value:?} is not a whole number of seconds"),
+                    )
+                })?;
+                if seconds > MAX_WAIT_SECONDS {
+                    return Err(bad(
+                        "wait",
+                        format!("{seconds} is over the maximum of {MAX_WAIT_SECONDS} seconds"),
+                    ));
+                }
+                poll.wait = Duration::from_secs(seconds);
+            }
+            "version" => {
+                poll.held =
+                    Some(value.parse().map_err(|_| {
+                        bad("version", format!("{value:?} is not a config version"))
+                    })?);
+            }
+            other => return Err(bad(other, "unknown; expected wait or version".into())),
+        }
+    }
+    Ok(poll)
+}
+
+async fn config(
+    req: Request<Incoming>,
+    state: &ServerState,
+) -> Result<Response<Full<Bytes>>, RequestError> {
+    let poll = parse_query(req.uri().query())?;
+    let held_etag = match req.headers().get(header::IF_NONE_MATCH) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| RequestError::BadRequest {
+            field: "header If-None-Match".into(),
+            message: "not visible ASCII".into(),
+        })?),
+    };
+    let (identity, pod) = identify(&req, state).await?;
+    let namespace = identity.namespace.as_str();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let _in_flight = state.subscribers.begin(&identity.uid, namespace, &labels);
+
+    // Subscribe before reading, so a change between the read and the wait wakes us.
+    let mut changes = state.index.subscribe();
+    changes.borrow_and_update();
+    let deadline = tokio::time::Instant::now() + poll.wait;
+    loop {
+        let mut current = state.index.config_for(namespace, &labels);
+        if held_etag == Some(current.etag.as_str()) {
+            state.subscribers.holds(&identity.uid, &current.policies);
+        } else if current.policies.is_empty() && held_etag.is_none() {
+            return Err(RequestError::NoPolicy {
+                namespace: identity.namespace,
+                name: identity.name,
+            });
+        } else {
+            if let Some(held) = poll.held {
+                current.config.version = current.config.version.max(held + 1);
+            }
+            state.subscribers.holds(&identity.uid, &current.policies);
+            let body = serde_json::to_vec(&current.config).unwrap_or_default();
+            let mut response = json_response(StatusCode::OK, body.into());
+            if let Ok(etag) = HeaderValue::from_str(&current.etag) {
+                response.headers_mut().insert(header::ETAG, etag);
+            }
+            return Ok(response);
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    if let Some(etag) = held_etag.and_then(|e| HeaderValue::from_str(e).ok()) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    Ok(response)
+}
+
+async fn load_report(
+    req: Request<Incoming>,
+    state: &ServerState,
+) -> Result<Response<Full<Bytes>>, RequestError> {
+    let (identity, pod) = identify(&req, state).await?;
+    let body = Limited::new(req.into_body(), MAX_REPORT_BYTES)
+        .collect()
+        .await
+        .map_err(|_| RequestError::TooLarge)?
+        .to_bytes();
+    let report: LoadReport =
+        serde_json::from_slice(&body).map_err(|e| RequestError::BadRequest {
+            field: format!("body (line {}, column {})", e.line(), e.column()),
+            message: e.to_string(),
+        })?;
+    crate::load_reports::validate(&report).map_err(|e| RequestError::BadRequest {
+        field: "body".into(),
+        message: e.to_string(),
+    })?;
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let given = state.index.config_for(&identity.namespace, &labels);
+    let given: Vec<&str> = given
+        .policies
+        .iter()
+        .map(|((_, name), _)| name.as_str())
+        .collect();
+    if let Some((index, e)) = report
+        .endpoints
+        .iter()
+        .enumerate()
+        .find(|(_, e)| !given.contains(&e.policy.as_str()))
+    {
+        return Err(RequestError::NotGiven {
+            index,
+            pod: format!("{}/{}", identity.namespace, identity.name),
+            policy: e.policy.clone(),
+        });
+    }
+    state.load_reports.record(
+        &identity.namespace,
+        &identity.uid,
+        &report,
+        SystemTime::now(),
+        |_| true,
+    );
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_checked_and_named() {
+        assert_eq!(
+            parse_query(None).expect("default"),
+            Poll {
+                wait: DEFAULT_WAIT,
+                held: None
+            }
+        );
+        assert_eq!(
+            parse_query(Some("wait=0&version=17")).expect("both"),
+            Poll {
+                wait: Duration::ZERO,
+                held: Some(17)
+            }
+        );
+        for (query, names) in [
+            ("wait=61", "query parameter wait: 61 is over"),
+            ("wait=soon", "query parameter wait: \"soon\""),
+            ("version=-1", "query parameter version"),
+            ("since=3", "query parameter since: unknown"),
+        ] {
+            let e = parse_query(Some(query)).expect_err(query).to_string();
+            assert!(e.starts_with(names), "{query}: {e}");
+        }
+    }
+
+    #[test]
+    fn refusals_carry_their_status_and_headers() {
+        let r = RequestError::Starting.into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        let r = RequestError::Auth(AuthError::Missing).into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(r.headers().contains_key(header::WWW_AUTHENTICATE));
+        let r = RequestError::NoPolicy {
+            namespace: "a".into(),
+            name: "b".into(),
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    }
+}

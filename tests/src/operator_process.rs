@@ -1,0 +1,151 @@
+//! The workspace's binaries as real processes: `trimtab-operator` against the test
+//! cluster, so a test can kill and restart it the way a node failure would.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use tokio::process::{Child, Command};
+
+use crate::cluster::TestCluster;
+
+/// Builds (a no-op when fresh) and returns the path of binary `bin` of package
+/// `package`, next to the running test executable. Building here keeps
+/// `cargo test -p trimtab-tests` from running a stale binary.
+pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf, String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(&cargo)
+        .args(["build", "--locked", "--quiet", "-p", package, "--bin", bin])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .status()
+        .map_err(|e| format!("running {cargo} build: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "cargo build -p {package} --bin {bin} failed: {status}"
+        ));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // target/<profile>/deps/<test> → target/<profile>/<bin>
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(bin))
+        .ok_or_else(|| format!("no target directory above {}", exe.display()))?;
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!("{} was not built", path.display()))
+    }
+}
+
+/// A free loopback address (bound and released; good enough for a test's own ports).
+pub fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
+    listener.local_addr().expect("local address")
+}
+
+/// A serving certificate for 127.0.0.1 and localhost, written as PEM files.
+#[derive(Debug)]
+pub struct ServingCert {
+    /// The certificate (also the CA clients trust: it is self-signed).
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The certificate as PEM.
+    pub pem: String,
+}
+
+impl ServingCert {
+    /// Makes one in `dir`.
+    pub fn write(dir: &Path) -> Self {
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("certificate");
+        let cert = dir.join("config-server.crt");
+        let key = dir.join("config-server.key");
+        std::fs::write(&cert, made.cert.pem()).expect("write certificate");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+        Self {
+            cert,
+            key,
+            pem: made.cert.pem(),
+        }
+    }
+}
+
+/// A running `trimtab-operator`.
+#[derive(Debug)]
+pub struct OperatorProcess {
+    child: Child,
+    /// The config server's address.
+    pub config_addr: SocketAddr,
+    /// The admin server's address.
+    pub admin_addr: SocketAddr,
+    /// Where its log goes.
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// Starts replica `instance` with its Lease in `namespace`, serving config on
+    /// `config_addr` with `cert`, logging to `<cluster dir>/<instance>.log`.
+    pub async fn start(
+        cluster: &TestCluster,
+        namespace: &str,
+        instance: &str,
+        config_addr: SocketAddr,
+        cert: &ServingCert,
+    ) -> Self {
+        let binary = workspace_binary("trimtab-operator", "trimtab-operator").expect("operator");
+        let admin_addr = free_addr();
+        let log = cluster.dir().join(format!("{instance}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(binary)
+            .env("KUBECONFIG", cluster.kubeconfig_path())
+            .env("TRIMTAB_LOG", "info,trimtab_operator=debug")
+            .args(["--instance", instance, "--namespace", namespace])
+            .arg(format!("--config-addr={config_addr}"))
+            .arg(format!("--admin-addr={admin_addr}"))
+            .arg(format!("--tls-cert-file={}", cert.cert.display()))
+            .arg(format!("--tls-key-file={}", cert.key.display()))
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("operator starts");
+        let operator = Self {
+            child,
+            config_addr,
+            admin_addr,
+            log,
+        };
+        operator.wait_until_listening().await;
+        operator
+    }
+
+    async fn wait_until_listening(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(self.config_addr)
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "operator did not listen on {} within 30 s; log:\n{}",
+                self.config_addr,
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, as when its node dies.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}

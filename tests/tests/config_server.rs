@@ -1,0 +1,501 @@
+//! The config server of a real `trimtab-operator` process against the real
+//! kube-apiserver: sidecars prove their pod with TokenRequest tokens, get exactly their
+//! policies, long-poll for changes, and every wrong token gets a clear 401 or 403.
+
+use std::{sync::Arc, time::Duration};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Method, Request, StatusCode, header};
+use hyper_util::{
+    client::legacy::{Client as HttpClient, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use k8s_openapi::api::{
+    authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+    core::v1::{Pod, ServiceAccount},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer, pem::PemObject};
+use serde_json::{Value, json};
+use trimtab_api::{BalancerPolicy, sidecar_config::SidecarConfig};
+use trimtab_tests::{
+    cluster::{TestCluster, files},
+    crds,
+    operator_process::{OperatorProcess, ServingCert, free_addr},
+};
+
+const NS: &str = "storefront";
+
+/// A client for the config server that trusts its test certificate.
+struct ConfigClient {
+    http: HttpClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base: String,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {:?}", self.status, self.body))
+    }
+
+    fn error(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+impl ConfigClient {
+    fn new(operator: &OperatorProcess, ca_pem: &str) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA PEM"))
+            .expect("CA accepted");
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        Self {
+            http: HttpClient::builder(TokioExecutor::new()).build(connector),
+            base: format!("https://127.0.0.1:{}", operator.config_addr.port()),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        token: Option<&str>,
+        headers: &[(header::HeaderName, &str)],
+        body: &str,
+    ) -> Answer {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path_and_query}", self.base));
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .expect("request");
+        let response = tokio::time::timeout(Duration::from_secs(70), self.http.request(request))
+            .await
+            .expect("answered within the longest long-poll")
+            .expect("config server reachable");
+        let (parts, body) = response.into_parts();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.expect("body").to_bytes(),
+        }
+    }
+
+    async fn config(&self, token: Option<&str>, query: &str, etag: Option<&str>) -> Answer {
+        let headers: Vec<_> = etag
+            .map(|e| (header::IF_NONE_MATCH, e))
+            .into_iter()
+            .collect();
+        self.send(
+            Method::GET,
+            &format!("/v1/config{query}"),
+            token,
+            &headers,
+            "",
+        )
+        .await
+    }
+
+    async fn report(&self, token: &str, body: &str) -> Answer {
+        self.send(Method::POST, "/v1/load-reports", Some(token), &[], body)
+            .await
+    }
+}
+
+async fn apply<K>(client: &Client, namespace: &str, value: Value) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(value).expect("valid object");
+    Api::<K>::namespaced(client.clone(), namespace)
+        .create(&PostParams::default(), &object)
+        .await
+        .expect("created")
+}
+
+fn pod(name: &str, app: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {
+            "serviceAccountName": "web",
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+        },
+    })
+}
+
+fn policy(name: &str, app: &str, port: u16, endpoints: &[&str]) -> Value {
+    json!({
+        "apiVersion": "trimtab.dev/v1alpha1", "kind": "BalancerPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "clients": {"podSelector": {"matchLabels": {"app": app}}},
+            "listener": {"port": port},
+            "endpoints": endpoints,
+        },
+    })
+}
+
+/// A token from the TokenRequest API, bound to `pod` when given.
+async fn token(client: &Client, pod: Option<&Pod>, audience: &str) -> String {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_owned()]),
+            bound_object_ref: pod.map(|p| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(p.name_any()),
+                uid: p.uid(),
+            }),
+            expiration_seconds: Some(600),
+        }),
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .create_token_request("web", &PostParams::default(), &request)
+        .await
+        .expect("token request")
+        .status
+        .expect("token status")
+        .token
+        .expect("a token")
+}
+
+/// A pod-bound token signed here with the cluster's service-account key, expiring at
+/// `exp` (Unix seconds): the only way to get an expired token without waiting ten
+/// minutes. The same code signs a valid one, so a refusal is due to the expiry alone.
+fn signed_token(cluster: &TestCluster, sa: &ServiceAccount, pod: &Pod, exp: u64) -> String {
+    let key = PrivatePkcs8KeyDer::from_pem_file(cluster.dir().join(files::SERVICE_ACCOUNT_KEY))
+        .expect("service-account key");
+    let rng = ring::rand::SystemRandom::new();
+    let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        key.secret_pkcs8_der(),
+        &rng,
+    )
+    .expect("ECDSA key");
+    let b64 = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let claims = json!({
+        "iss": cluster.service_account_issuer(),
+        "sub": format!("system:serviceaccount:{NS}:web"),
+        "aud": ["trimtab"],
+        "exp": exp,
+        "iat": exp - 600,
+        "nbf": exp - 600,
+        "jti": "test-token",
+        "kubernetes.io": {
+            "namespace": NS,
+            "pod": {"name": pod.name_any(), "uid": pod.uid()},
+            "serviceaccount": {"name": "web", "uid": sa.uid()},
+        },
+    });
+    let signing_input = format!(
+        "{}.{}",
+        b64(&json!({"alg": "ES256", "typ": "JWT"})),
+        b64(&claims)
+    );
+    let signature = signer
+        .sign(&rng, signing_input.as_bytes())
+        .expect("signature");
+    format!(
+        "{signing_input}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature.as_ref())
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn routes(answer: &Answer) -> Vec<String> {
+    let config: SidecarConfig = serde_json::from_slice(&answer.body).expect("a SidecarConfig");
+    config.routes.into_iter().map(|r| r.name).collect()
+}
+
+#[tokio::test]
+async fn sidecars_get_exactly_their_policies_and_wrong_tokens_get_401_or_403() {
+    let cluster = TestCluster::start().await.expect("cluster starts");
+    crds::install(&cluster).await.expect("CRDs install");
+    cluster.ensure_namespace(NS).await.expect("namespace");
+    cluster
+        .ensure_namespace("elsewhere")
+        .await
+        .expect("namespace");
+    let client = cluster.client();
+    let sa: ServiceAccount = apply(
+        &client,
+        NS,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web"}}),
+    )
+    .await;
+    let web: Pod = apply(&client, NS, pod("web-1", "web")).await;
+    let lonely: Pod = apply(&client, NS, pod("lonely-1", "lonely")).await;
+    let doomed: Pod = apply(&client, NS, pod("web-2", "web")).await;
+    let _: BalancerPolicy = apply(
+        &client,
+        NS,
+        policy("api", "web", 15001, &["127.0.0.1:9001"]),
+    )
+    .await;
+    let _: BalancerPolicy = apply(
+        &client,
+        NS,
+        policy("admin", "other", 15002, &["127.0.0.1:9002"]),
+    )
+    .await;
+    // Same labels, other namespace: must never reach a storefront pod.
+    let _: BalancerPolicy = apply(
+        &client,
+        "elsewhere",
+        policy("api", "web", 15003, &["127.0.0.1:9003"]),
+    )
+    .await;
+
+    let cert = ServingCert::write(cluster.dir());
+    let operator = OperatorProcess::start(&cluster, NS, "operator-0", free_addr(), &cert).await;
+    let server = ConfigClient::new(&operator, &cert.pem);
+    let web_token = token(&client, Some(&web), "trimtab").await;
+
+    // Ready once policies and pods are listed: 503 with Retry-After until then.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let answer = server.config(Some(&web_token), "?wait=0", None).await;
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+            break answer;
+        }
+        assert!(answer.headers.contains_key(header::RETRY_AFTER));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "operator never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(first.status, StatusCode::OK, "{}", first.error());
+    assert_eq!(routes(&first), ["api"], "exactly the pod's own policies");
+    let etag = first.headers[header::ETAG]
+        .to_str()
+        .expect("etag")
+        .to_owned();
+    let version = first.json()["version"].as_u64().expect("version");
+
+    // Nothing changed: the long poll holds for `wait`, then 304.
+    let started = std::time::Instant::now();
+    let unchanged = server
+        .config(Some(&web_token), "?wait=1", Some(&etag))
+        .await;
+    assert_eq!(unchanged.status, StatusCode::NOT_MODIFIED);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "held for wait"
+    );
+
+    // A change arrives on the open long poll, within a second of the write.
+    let polling = {
+        let server = ConfigClient::new(&operator, &cert.pem);
+        let (token, etag) = (web_token.clone(), etag.clone());
+        tokio::spawn(async move {
+            let answer = server.config(Some(&token), "?wait=30", Some(&etag)).await;
+            (answer, std::time::Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Api::<BalancerPolicy>::namespaced(client.clone(), NS)
+        .patch(
+            "api",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"endpoints": ["127.0.0.1:9001", "127.0.0.1:9004"]}})),
+        )
+        .await
+        .expect("patched");
+    let written = std::time::Instant::now();
+    let (changed, answered) = polling.await.expect("poll");
+    assert_eq!(changed.status, StatusCode::OK, "{}", changed.error());
+    assert!(answered.duration_since(written) < Duration::from_secs(1));
+    let body = changed.json();
+    assert_eq!(
+        body["routes"][0]["endpoints"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert!(body["version"].as_u64().expect("version") > version);
+    assert_ne!(changed.headers[header::ETAG], etag.as_str());
+
+    // The holder of a config is counted in the policy's status.
+    let new_etag = changed.headers[header::ETAG]
+        .to_str()
+        .expect("etag")
+        .to_owned();
+    let holding = {
+        let server = ConfigClient::new(&operator, &cert.pem);
+        let token = web_token.clone();
+        tokio::spawn(async move {
+            server
+                .config(Some(&token), "?wait=20", Some(&new_etag))
+                .await
+        })
+    };
+    let policies = Api::<BalancerPolicy>::namespaced(client.clone(), NS);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = policies.get_status("api").await.expect("policy").status;
+        let sidecars = status.and_then(|s| s.sidecars);
+        if sidecars
+            .as_ref()
+            .is_some_and(|s| s.connected == 1 && s.up_to_date == 1)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status.sidecars never showed the subscriber: {sidecars:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    holding.abort();
+
+    // Load reports: only for the pod's own policies; malformed ones are named.
+    let accepted = server
+        .report(
+            &web_token,
+            r#"{"windowSeconds": 5, "endpoints": [{"policy": "api", "address": "127.0.0.1:9001", "utilization": 0.5, "requests": 40, "errors": 0}]}"#,
+        )
+        .await;
+    assert_eq!(accepted.status, StatusCode::NO_CONTENT);
+    let foreign = server
+        .report(
+            &web_token,
+            r#"{"windowSeconds": 5, "endpoints": [{"policy": "admin", "address": "127.0.0.1:9002", "utilization": 0.5, "requests": 40}]}"#,
+        )
+        .await;
+    assert_eq!(foreign.status, StatusCode::FORBIDDEN);
+    assert!(
+        foreign.error().contains("endpoints[0].policy"),
+        "{}",
+        foreign.error()
+    );
+    let garbage = server
+        .report(&web_token, r#"{"windowSeconds": 5, "endpoints": [}"#)
+        .await;
+    assert_eq!(garbage.status, StatusCode::BAD_REQUEST);
+    assert!(
+        garbage.error().contains("line 1, column"),
+        "{}",
+        garbage.error()
+    );
+    let negative = server
+        .report(&web_token, r#"{"windowSeconds": -1, "endpoints": []}"#)
+        .await;
+    assert_eq!(negative.status, StatusCode::BAD_REQUEST);
+    assert!(
+        negative.error().contains("windowSeconds"),
+        "{}",
+        negative.error()
+    );
+
+    // Every wrong token: a clear refusal, never a config.
+    let refusal = async |token: Option<&str>| {
+        let answer = server.config(token, "?wait=0", None).await;
+        (answer.status, answer.error())
+    };
+    let (status, error) = refusal(None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(error.contains("bearer token"), "{error}");
+    let (status, _) = refusal(Some("not-a-token")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let wrong_audience = token(&client, Some(&web), cluster.service_account_issuer()).await;
+    let (status, error) = refusal(Some(&wrong_audience)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{error}");
+
+    let valid_signed = signed_token(&cluster, &sa, &web, unix_now() + 600);
+    let answer = server.config(Some(&valid_signed), "?wait=0", None).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "the test's own signing is right: {}",
+        answer.error()
+    );
+    let expired = signed_token(&cluster, &sa, &web, unix_now() - 60);
+    let (status, error) = refusal(Some(&expired)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{error}");
+    assert!(error.contains("token rejected"), "{error}");
+
+    let unbound = token(&client, None, "trimtab").await;
+    let (status, error) = refusal(Some(&unbound)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{error}");
+    assert!(error.contains("not bound to a pod"), "{error}");
+
+    let lonely_token = token(&client, Some(&lonely), "trimtab").await;
+    let (status, error) = refusal(Some(&lonely_token)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{error}");
+    assert!(
+        error.contains("storefront/lonely-1 matches no BalancerPolicy"),
+        "{error}"
+    );
+
+    // A token outlives its pod only until the API server notices the pod is gone.
+    let doomed_token = token(&client, Some(&doomed), "trimtab").await;
+    assert_eq!(
+        server
+            .config(Some(&doomed_token), "?wait=0", None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .delete("web-2", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("deleted");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let (status, error) = refusal(Some(&doomed_token)).await;
+        if status != StatusCode::OK {
+            assert!(
+                status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN,
+                "{status}: {error}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a deleted pod's token kept working"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    operator.kill().await;
+}
