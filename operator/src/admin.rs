@@ -1,7 +1,8 @@
 //! The operator's admin server: `/metrics` for Prometheus, `/live` and `/ready` for the
-//! kubelet's probes.
+//! kubelet's probes. Ready means the config server can answer: policies and pods are
+//! listed, so a sidecar sent to this replica gets its whole config.
 
-use std::{convert::Infallible, net::SocketAddr};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,8 +21,15 @@ pub struct AdminServer {
     pub local_addr: SocketAddr,
 }
 
+/// Whether this replica is ready to serve.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Binds `addr` and serves in the background.
-pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<AdminServer> {
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    ready: Readiness,
+) -> std::io::Result<AdminServer> {
     let listener = TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -29,9 +37,10 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<Admi
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let registry = registry.clone();
+            let (registry, ready) = (registry.clone(), Arc::clone(&ready));
             tokio::spawn(async move {
-                let service = service_fn(move |req| respond(req, registry.clone()));
+                let service =
+                    service_fn(move |req| respond(req, registry.clone(), Arc::clone(&ready)));
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -44,9 +53,16 @@ pub async fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<Admi
 async fn respond(
     req: Request<Incoming>,
     registry: Registry,
+    ready: Readiness,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match req.uri().path() {
-        "/live" | "/ready" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/live" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/ready" if ready() => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"not ready: policies and pods are not listed yet\n"),
+        ),
         "/metrics" => {
             let mut buffer = Vec::new();
             match TextEncoder::new().encode(&registry.gather(), &mut buffer) {

@@ -82,11 +82,6 @@ async fn main() -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
     let wiring = Wiring::new(PolicyIndex::default());
-    let admin = admin::serve(args.admin_addr, registry.clone())
-        .await
-        .with_context(|| format!("binding the admin server to {}", args.admin_addr))?;
-    tracing::info!(addr = %admin.local_addr, "admin server listening");
-
     let source = match (&args.tls_cert_file, &args.tls_key_file) {
         (Some(cert), Some(key)) => CertSource::Files {
             cert: cert.clone(),
@@ -121,6 +116,15 @@ async fn main() -> anyhow::Result<()> {
         subscribers: wiring.subscribers.clone(),
         metrics: ServerMetrics::register(&registry).context("registering metrics")?,
     });
+    let ready: admin::Readiness = {
+        let (index, pods_synced) = (state.index.clone(), Arc::clone(&state.pods_synced));
+        Arc::new(move || index.is_synced() && pods_synced.load(Ordering::Acquire))
+    };
+    let admin = admin::serve(args.admin_addr, registry.clone(), ready)
+        .await
+        .with_context(|| format!("binding the admin server to {}", args.admin_addr))?;
+    tracing::info!(addr = %admin.local_addr, "admin server listening");
+
     let config_addr = config_server::serve(args.config_addr, tls.config, state)
         .await
         .with_context(|| format!("binding the config server to {}", args.config_addr))?;

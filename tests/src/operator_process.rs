@@ -144,6 +144,11 @@ impl OperatorProcess {
         }
     }
 
+    /// The process id, e.g. to read its RSS from `/proc`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL, as when its node dies.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;

@@ -236,6 +236,29 @@ fn signed_token(cluster: &TestCluster, sa: &ServiceAccount, pod: &Pod, exp: u64)
     )
 }
 
+/// A plain HTTP/1.1 GET on the operator's admin port; the whole response as text.
+async fn admin_get(operator: &OperatorProcess, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(operator.admin_addr)
+        .await
+        .expect("admin port");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("request");
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("admin answers")
+    .expect("response");
+    response
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -308,6 +331,12 @@ async fn sidecars_get_exactly_their_policies_and_wrong_tokens_get_401_or_403() {
     };
     assert_eq!(first.status, StatusCode::OK, "{}", first.error());
     assert_eq!(routes(&first), ["api"], "exactly the pod's own policies");
+    assert!(
+        admin_get(&operator, "/ready")
+            .await
+            .starts_with("HTTP/1.1 200"),
+        "a replica that serves config is ready"
+    );
     let etag = first.headers[header::ETAG]
         .to_str()
         .expect("etag")
