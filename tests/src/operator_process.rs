@@ -113,7 +113,8 @@ impl OperatorProcess {
             .arg(format!("--admin-addr={admin_addr}"))
             .arg(format!("--tls-cert-file={}", cert.cert.display()))
             .arg(format!("--tls-key-file={}", cert.key.display()))
-            .stdout(Stdio::null())
+            // tracing writes to stdout: both go to the log.
+            .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .kill_on_drop(true)
             .spawn()
