@@ -1,6 +1,7 @@
 //! Where configs come from: BalancerPolicy YAML files (`--policy`, multi-document,
 //! hot-reloaded) and the state directory that keeps the last good config for
-//! fail-static restarts.
+//! fail-static restarts. The operator's config server is the other source
+//! ([`crate::control_plane`]); it falls back to the same state directory.
 
 use std::{
     path::{Path, PathBuf},
@@ -211,25 +212,36 @@ pub async fn start(sidecar: &Sidecar, paths: &[PathBuf]) -> Option<Vec<(PathBuf,
             }
         }
     }
+    serve_kept(sidecar).await;
+    read
+}
+
+/// Serves the last good config from the state directory (fail static), when there is
+/// one: what every source falls back to when it has nothing at start. Returns whether
+/// a kept config is now served.
+pub async fn serve_kept(sidecar: &Sidecar) -> bool {
     let Some(dir) = sidecar.state_dir() else {
         tracing::warn!("no config to serve yet; not ready until one loads");
-        return read;
+        return false;
     };
     match dir.load() {
         Ok(Some(kept)) => {
             let version = kept.version;
             match sidecar.apply(kept).await {
-                Ok(()) => tracing::warn!(
-                    version,
-                    "serving the last good config from the state directory (fail static)"
-                ),
+                Ok(()) => {
+                    tracing::warn!(
+                        version,
+                        "serving the last good config from the state directory (fail static)"
+                    );
+                    return true;
+                }
                 Err(e) => tracing::error!(error = %e, "the kept config was refused"),
             }
         }
-        Ok(None) => tracing::warn!("no config to serve yet: no policy loaded and nothing kept"),
+        Ok(None) => tracing::warn!("no config to serve yet: nothing loaded and nothing kept"),
         Err(e) => tracing::error!(error = %e, "the kept config could not be read"),
     }
-    read
+    false
 }
 
 /// Reloads the policy files whenever they change: on file-system events (inotify via

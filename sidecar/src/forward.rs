@@ -29,6 +29,7 @@ use hyper_util::{
     rt::TokioIo,
 };
 use rand::{SeedableRng, rngs::SmallRng};
+use trimtab_api::balancer_policy::MetricsSource;
 
 use crate::{
     balancer::weights::{ORCA_HEADER, parse_orca},
@@ -264,7 +265,14 @@ async fn attempt_all(
                     .and_then(|v| v.to_str().ok())
                 {
                     match parse_orca(report) {
-                        Ok(report) => endpoint.record_load_report(&report, now_ms()),
+                        Ok(report) => {
+                            endpoint.record_load_report(&report, now_ms());
+                            if route.config.weighting.source == MetricsSource::LoadReports {
+                                endpoint
+                                    .load_window
+                                    .record(report.utilization(), status >= 500);
+                            }
+                        }
                         Err(e) => {
                             tracing::debug!(endpoint = %endpoint.address, error = %e, "ignored load report")
                         }

@@ -1,15 +1,19 @@
 //! `trimtab-sidecar`: reads its settings, starts the admin port and the route
-//! listeners, serves the policy files (or the kept config) and reloads them.
+//! listeners, and serves either the policy files (reloading them) or the operator's
+//! config server (following it and reporting load); the kept config when neither has
+//! anything at start.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use trimtab_sidecar::{
     admin, config_source,
+    control_plane::{ControlPlane, Timing},
     metrics::Metrics,
     settings::{Cli, LogFormat, Settings},
     sidecar::{Options, Sidecar},
@@ -53,6 +57,18 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         },
         metrics,
     );
+    // A URL or CA bundle that can never work is a settings error: refuse it before
+    // serving anything.
+    let control_plane = match &settings.control_plane {
+        Some(url) => Some(Arc::new(ControlPlane::new(
+            url,
+            &settings.control_plane_ca,
+            settings.token_file.clone(),
+            Timing::default(),
+            sidecar.shared().metrics.clone(),
+        )?)),
+        None => None,
+    };
     let admin_address = SocketAddr::new(settings.admin_address, settings.admin_port);
     let admin_listener = TcpListener::bind(admin_address)
         .await
@@ -60,19 +76,40 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(%admin_address, "admin port listening");
     tokio::spawn(admin::serve(admin_listener, Arc::clone(sidecar.shared())));
 
-    let fingerprint = config_source::start(&sidecar, &settings.policies).await;
-    if !settings.policies.is_empty() {
-        tokio::spawn(config_source::watch_files(
+    let cancel = CancellationToken::new();
+    let mut sources: Vec<JoinHandle<()>> = Vec::new();
+    if let Some(control_plane) = control_plane {
+        tracing::info!(url = ?settings.control_plane, "following the control plane");
+        let following = control_plane.start(&sidecar).await;
+        sources.push(tokio::spawn(Arc::clone(&control_plane).follow(
             Arc::clone(&sidecar),
-            settings.policies.clone(),
-            fingerprint,
-            settings.reload_poll_interval.get(),
+            following,
+            cancel.clone(),
+        )));
+        sources.push(tokio::spawn(
+            control_plane.report_loads(Arc::clone(sidecar.shared()), cancel.clone()),
         ));
+    } else {
+        let fingerprint = config_source::start(&sidecar, &settings.policies).await;
+        if !settings.policies.is_empty() {
+            tokio::spawn(config_source::watch_files(
+                Arc::clone(&sidecar),
+                settings.policies.clone(),
+                fingerprint,
+                settings.reload_poll_interval.get(),
+            ));
+        }
     }
     shutdown_signal().await;
     tracing::info!("shutting down: listeners closed, open requests finishing");
+    // The control plane's poll and load reports stop first, so that no config arrives
+    // while the listeners close; a config being applied finishes.
+    cancel.cancel();
+    for source in sources {
+        let _ = tokio::time::timeout(Duration::from_secs(1), source).await;
+    }
     sidecar.shutdown().await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
 

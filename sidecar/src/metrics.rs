@@ -40,6 +40,15 @@ pub struct Metrics {
     pub config_version: IntGauge,
     /// Config loads by result (applied, refused).
     pub config_loads: IntCounterVec,
+    /// 1 while the last exchange with the control plane succeeded, else 0.
+    pub control_plane_connected: IntGauge,
+    /// Configs received from the control plane, by result (applied, refused).
+    pub control_plane_updates: IntCounterVec,
+    /// Failed control-plane requests, by kind (connect, tls, timeout, unauthorized, …):
+    /// what an operator reads first when `connected` is 0.
+    pub control_plane_errors: IntCounterVec,
+    /// Load reports posted to the control plane, by result (sent, failed).
+    pub load_reports: IntCounterVec,
 }
 
 impl Metrics {
@@ -87,6 +96,31 @@ impl Metrics {
                 Opts::new("trimtab_config_loads_total", "Config loads by result: applied or refused."),
                 &["result"],
             )?,
+            control_plane_connected: IntGauge::new(
+                "trimtab_control_plane_connected",
+                "1 while the last request to the control plane succeeded, 0 while it cannot be reached or refuses.",
+            )?,
+            control_plane_updates: IntCounterVec::new(
+                Opts::new(
+                    "trimtab_control_plane_config_updates_total",
+                    "Configs received from the control plane, by result: applied or refused.",
+                ),
+                &["result"],
+            )?,
+            control_plane_errors: IntCounterVec::new(
+                Opts::new(
+                    "trimtab_control_plane_errors_total",
+                    "Failed control-plane requests, by kind: token, connect, tls, transport, timeout, unauthorized, forbidden, unavailable, status, malformed, protocol.",
+                ),
+                &["kind"],
+            )?,
+            load_reports: IntCounterVec::new(
+                Opts::new(
+                    "trimtab_load_reports_total",
+                    "Load reports posted to the control plane, by result: sent or failed.",
+                ),
+                &["result"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -100,6 +134,13 @@ impl Metrics {
         m.registry.register(Box::new(m.balance_score.clone()))?;
         m.registry.register(Box::new(m.config_version.clone()))?;
         m.registry.register(Box::new(m.config_loads.clone()))?;
+        m.registry
+            .register(Box::new(m.control_plane_connected.clone()))?;
+        m.registry
+            .register(Box::new(m.control_plane_updates.clone()))?;
+        m.registry
+            .register(Box::new(m.control_plane_errors.clone()))?;
+        m.registry.register(Box::new(m.load_reports.clone()))?;
         Ok(m)
     }
 

@@ -63,6 +63,8 @@ pub struct Endpoint {
     pub responses: AtomicU64,
     /// Failures (5xx or no response).
     pub failures: AtomicU64,
+    /// ORCA reports not yet sent to the control plane (`weighting.source: loadReports`).
+    pub load_window: LoadWindow,
     /// When it joined (slow start); `None` for endpoints of the first config.
     joined: Option<Instant>,
     /// Metric children.
@@ -118,6 +120,7 @@ impl Endpoint {
             orca_at_ms: AtomicU64::new(0),
             responses: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            load_window: LoadWindow::default(),
             joined,
             metrics: metrics.endpoint(route_id, &config.address),
         })
@@ -221,6 +224,68 @@ impl Endpoint {
         // brings a new one (the operator's weight controller moved it).
         if algorithm != Algorithm::CpuWeighted || previous != config.weight {
             self.load.set_weight(config.weight);
+        }
+    }
+}
+
+/// The ORCA reports one endpoint sent since the control plane was last told about it
+/// (`weighting.source: loadReports`). Sums, not means, so that the request path only
+/// adds: utilization is summed in millionths so that one `fetch_add` records it. The
+/// reporter swaps each counter to zero; a response racing the swap may land half in
+/// this window and half in the next, never in neither.
+#[derive(Debug, Default)]
+pub struct LoadWindow {
+    utilization_millionths: AtomicU64,
+    reports: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What [`LoadWindow::take`] drained: the reports of one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LoadTotals {
+    /// Responses that carried a load report.
+    pub reports: u64,
+    /// Of those, 5xx responses.
+    pub errors: u64,
+    /// The sum of their utilizations.
+    pub utilization_sum: f64,
+}
+
+impl LoadTotals {
+    /// The mean utilization of the window (0 when nothing was reported).
+    pub fn mean_utilization(&self) -> f64 {
+        if self.reports == 0 {
+            0.0
+        } else {
+            self.utilization_sum / self.reports as f64
+        }
+    }
+}
+
+impl LoadWindow {
+    /// Records one response's report: its utilization (gRFC A58's choice, see
+    /// [`LoadReport::utilization`]) and whether the response was a 5xx.
+    pub fn record(&self, utilization: f64, error: bool) {
+        // Finite and non-negative: `parse_orca` refuses anything else; `as` saturates.
+        let millionths = (utilization * 1e6).round() as u64;
+        self.utilization_millionths
+            .fetch_add(millionths, Ordering::Relaxed);
+        self.reports.fetch_add(1, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Everything recorded since the last take, and starts a new window.
+    pub fn take(&self) -> LoadTotals {
+        let reports = self.reports.swap(0, Ordering::Relaxed);
+        // A response racing the swaps may count its error here and its report in the
+        // next window; a report with more errors than requests would be refused whole.
+        let errors = self.errors.swap(0, Ordering::Relaxed).min(reports);
+        LoadTotals {
+            reports,
+            errors,
+            utilization_sum: self.utilization_millionths.swap(0, Ordering::Relaxed) as f64 / 1e6,
         }
     }
 }
@@ -505,6 +570,19 @@ mod tests {
         cfg.endpoints[0].weight = 3; // the operator moved it
         let third = build(cfg, Some(&second), &metrics);
         assert_eq!(third.endpoints[0].load.weight(), 3);
+    }
+
+    #[test]
+    fn a_load_window_sums_reports_and_starts_over_when_taken() {
+        let window = LoadWindow::default();
+        assert_eq!(window.take(), LoadTotals::default());
+        window.record(0.25, false);
+        window.record(0.75, true);
+        window.record(0.5, false);
+        let totals = window.take();
+        assert_eq!((totals.reports, totals.errors), (3, 1));
+        assert!((totals.mean_utilization() - 0.5).abs() < 1e-9, "{totals:?}");
+        assert_eq!(window.take(), LoadTotals::default());
     }
 
     #[test]

@@ -11,6 +11,12 @@ use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 use trimtab_api::Duration;
 
+/// Where the pod's CA bundle for the config server is mounted (the injector's volume).
+pub const DEFAULT_CONTROL_PLANE_CA: &str = "/var/run/secrets/trimtab/ca.crt";
+
+/// Where the projected service-account token with audience `trimtab` is mounted.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/trimtab/token";
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +43,20 @@ pub struct Cli {
     /// hot-reloaded when they change.
     #[arg(long = "policy", env = "TRIMTAB_POLICY", value_delimiter = ',', num_args = 1..)]
     pub policies: Vec<PathBuf>,
+    /// HTTPS URL of the operator's config server (e.g.
+    /// `https://trimtab-operator.trimtab-system.svc:8443`): the sidecar long-polls it for
+    /// its routes and posts load reports. Excludes --policy.
+    #[arg(long, env = "TRIMTAB_CONTROL_PLANE")]
+    pub control_plane: Option<String>,
+    /// PEM CA bundle that signs the config server's certificate
+    /// [default: /var/run/secrets/trimtab/ca.crt].
+    #[arg(long, env = "TRIMTAB_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
+    /// The projected service-account token (audience `trimtab`) sent to the config
+    /// server; re-read on every request, as the kubelet rotates it
+    /// [default: /var/run/secrets/trimtab/token].
+    #[arg(long, env = "TRIMTAB_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Directory keeping the last good config, served at start when no source answers.
     #[arg(long, env = "TRIMTAB_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -78,6 +98,12 @@ pub struct Cli {
 pub struct Settings {
     /// Policy files.
     pub policies: Vec<PathBuf>,
+    /// The config server's URL; `None` serves policy files instead.
+    pub control_plane: Option<String>,
+    /// CA bundle for the config server's certificate.
+    pub control_plane_ca: PathBuf,
+    /// The token file sent to the config server.
+    pub token_file: PathBuf,
     /// State directory.
     pub state_dir: Option<PathBuf>,
     /// Admin port.
@@ -104,6 +130,9 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             policies: Vec::new(),
+            control_plane: None,
+            control_plane_ca: PathBuf::from(DEFAULT_CONTROL_PLANE_CA),
+            token_file: PathBuf::from(DEFAULT_TOKEN_FILE),
             state_dir: None,
             admin_port: 15020,
             admin_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -124,6 +153,9 @@ impl Default for Settings {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileSettings {
     pub policies: Option<Vec<PathBuf>>,
+    pub control_plane: Option<String>,
+    pub control_plane_ca: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub admin_port: Option<u16>,
     pub admin_address: Option<IpAddr>,
@@ -155,6 +187,16 @@ pub enum SettingsError {
         /// The parser's message, naming the key.
         message: String,
     },
+    /// Two config sources at once: the sidecar serves one, so which would win is unclear.
+    #[error(
+        "--policy ({policies}) and --control-plane ({control_plane}) are mutually exclusive: serve static policy files or the operator's config, not both"
+    )]
+    TwoSources {
+        /// The policy files, comma-separated.
+        policies: String,
+        /// The control-plane URL.
+        control_plane: String,
+    },
 }
 
 impl Settings {
@@ -168,6 +210,21 @@ impl Settings {
             } else {
                 cli.policies.clone()
             },
+            control_plane: cli
+                .control_plane
+                .clone()
+                .or(file.control_plane)
+                .or(d.control_plane),
+            control_plane_ca: cli
+                .control_plane_ca
+                .clone()
+                .or(file.control_plane_ca)
+                .unwrap_or(d.control_plane_ca),
+            token_file: cli
+                .token_file
+                .clone()
+                .or(file.token_file)
+                .unwrap_or(d.token_file),
             state_dir: cli.state_dir.clone().or(file.state_dir).or(d.state_dir),
             admin_port: cli.admin_port.or(file.admin_port).unwrap_or(d.admin_port),
             admin_address: cli
@@ -218,7 +275,27 @@ impl Settings {
                 })?
             }
         };
-        Ok(Self::layered(file, cli))
+        let settings = Self::layered(file, cli);
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Refuses settings that contradict each other, whichever layer set them.
+    pub fn check(&self) -> Result<(), SettingsError> {
+        if let Some(url) = &self.control_plane
+            && !self.policies.is_empty()
+        {
+            let policies: Vec<String> = self
+                .policies
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(SettingsError::TwoSources {
+                policies: policies.join(","),
+                control_plane: url.clone(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -255,6 +332,37 @@ mod tests {
         let err =
             serde_yaml_ng::from_str::<FileSettings>("adminPortt: 1\n").expect_err("unknown key");
         assert!(err.to_string().contains("adminPortt"), "{err}");
+    }
+
+    #[test]
+    fn control_plane_settings_layer_like_the_others() {
+        let file: FileSettings = serde_yaml_ng::from_str(
+            "controlPlane: https://file.example:8443\ntokenFile: /file/token\n",
+        )
+        .expect("valid");
+        let s = Settings::layered(
+            file,
+            &cli(&["--control-plane", "https://flag.example:8443"]),
+        );
+        assert_eq!(
+            s.control_plane.as_deref(),
+            Some("https://flag.example:8443")
+        );
+        assert_eq!(s.token_file, PathBuf::from("/file/token"));
+        assert_eq!(s.control_plane_ca, PathBuf::from(DEFAULT_CONTROL_PLANE_CA));
+        assert!(s.check().is_ok());
+    }
+
+    #[test]
+    fn refuses_policy_files_and_a_control_plane_together() {
+        // From different layers too: the file names policies, the flag a control plane.
+        let file: FileSettings = serde_yaml_ng::from_str("policies: [a.yaml]\n").expect("valid");
+        let s = Settings::layered(file, &cli(&["--control-plane", "https://op:8443"]));
+        let err = s.check().expect_err("two sources");
+        assert_eq!(
+            err.to_string(),
+            "--policy (a.yaml) and --control-plane (https://op:8443) are mutually exclusive: serve static policy files or the operator's config, not both"
+        );
     }
 
     #[test]

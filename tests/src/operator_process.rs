@@ -4,7 +4,6 @@
 use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 

@@ -528,3 +528,254 @@ async fn sidecars_get_exactly_their_policies_and_wrong_tokens_get_401_or_403() {
     }
     operator.kill().await;
 }
+
+/// A backend that answers every request with its name and counts them.
+async fn backend(name: &'static str) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&hits);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(name.as_bytes()),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// Sends `n` requests through the sidecar's listener; the names that answered, and
+/// how many requests failed.
+async fn spread(port: u16, n: usize) -> (std::collections::BTreeMap<String, usize>, usize) {
+    let client: HttpClient<HttpConnector, Full<Bytes>> =
+        HttpClient::builder(TokioExecutor::new()).build_http();
+    let mut seen = std::collections::BTreeMap::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        let request = Request::get(format!("http://127.0.0.1:{port}/"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        match tokio::time::timeout(Duration::from_secs(5), client.request(request)).await {
+            Ok(Ok(response)) if response.status().is_success() => {
+                let body = response.into_body().collect().await.map(|b| b.to_bytes());
+                let name = String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
+                *seen.entry(name).or_default() += 1;
+            }
+            _ => failed += 1,
+        }
+    }
+    (seen, failed)
+}
+
+#[tokio::test]
+async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() {
+    let cluster = TestCluster::start().await.expect("cluster starts");
+    crds::install(&cluster).await.expect("CRDs install");
+    cluster.ensure_namespace(NS).await.expect("namespace");
+    let client = cluster.client();
+    let _: ServiceAccount = apply(
+        &client,
+        NS,
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "web"}}),
+    )
+    .await;
+    let web: Pod = apply(&client, NS, pod("web-1", "web")).await;
+    let (a, _) = backend("a").await;
+    let (b, _) = backend("b").await;
+    let (c, c_hits) = backend("c").await;
+    let listener = free_addr().port();
+    let mut api = policy("api", "web", listener, &[&a.to_string(), &b.to_string()]);
+    api["spec"]["algorithm"] = json!("cpuWeighted");
+    api["spec"]["weighting"] = json!({"source": "loadReports", "interval": "1s", "smoothing": 1.0});
+    let _: BalancerPolicy = apply(&client, NS, api).await;
+
+    let cert = ServingCert::write(cluster.dir());
+    let config_addr = free_addr();
+    let operator = OperatorProcess::start(&cluster, NS, "operator-0", config_addr, &cert).await;
+    let standby = OperatorProcess::start(&cluster, NS, "operator-1", free_addr(), &cert).await;
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), NS);
+    let holder = async || {
+        leases
+            .get_opt(trimtab_operator::leader::LEASE_NAME)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while holder().await.as_deref() != Some("operator-0") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "operator-0 never led: {:?}",
+            holder().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The sidecar, as the injected container runs it: projected token, CA, state dir.
+    let dir = tempfile::tempdir().expect("dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token(&client, Some(&web), "trimtab").await).expect("token");
+    let admin_port = free_addr().port();
+    let sidecar_log = cluster.dir().join("sidecar.log");
+    let binary =
+        trimtab_tests::operator_process::workspace_binary("trimtab-sidecar", "trimtab-sidecar")
+            .expect("sidecar binary");
+    let mut sidecar = tokio::process::Command::new(binary)
+        .arg(format!(
+            "--control-plane=https://127.0.0.1:{}",
+            config_addr.port()
+        ))
+        .arg(format!("--control-plane-ca={}", cert.cert.display()))
+        .arg(format!("--token-file={}", token_file.display()))
+        .arg(format!(
+            "--state-dir={}",
+            dir.path().join("state").display()
+        ))
+        .args([
+            "--admin-address",
+            "127.0.0.1",
+            "--admin-port",
+            &admin_port.to_string(),
+        ])
+        .env("TRIMTAB_LOG_LEVEL", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&sidecar_log).expect("log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sidecar starts");
+    let sidecar_log_text = || std::fs::read_to_string(&sidecar_log).unwrap_or_default();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (seen, _) = spread(listener, 4).await;
+        if seen.values().sum::<usize>() == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar never served the operator's route; its log:\n{}",
+            sidecar_log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Backend b reports four times a's utilization: the weights, and with them the
+    // sidecar's split, move towards a.
+    let reporter = {
+        let server = ConfigClient::new(&operator, &cert.pem);
+        let token = token(&client, Some(&web), "trimtab").await;
+        let body = json!({"windowSeconds": 1, "endpoints": [
+            {"policy": "api", "address": a.to_string(), "utilization": 0.2, "requests": 100},
+            {"policy": "api", "address": b.to_string(), "utilization": 0.8, "requests": 100},
+        ]})
+        .to_string();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                let answer = server.report(&token, &body).await;
+                assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.error());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let share_a = loop {
+        let (seen, failed) = spread(listener, 100).await;
+        assert_eq!(failed, 0);
+        let share = seen.get("a").copied().unwrap_or_default() as f64 / 100.0;
+        if share >= 0.7 {
+            break share;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the split never followed the weights: {seen:?}; status: {:?}",
+            Api::<BalancerPolicy>::namespaced(client.clone(), NS)
+                .get_status("api")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    reporter.await.expect("reports");
+    eprintln!("share of a after load reports: {share_a}");
+
+    // Kill the leader: the sidecar keeps routing, the standby takes the Lease.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let (mut total, mut failed) = (0, 0);
+            let until = tokio::time::Instant::now() + Duration::from_secs(150);
+            while tokio::time::Instant::now() < until
+                && total < 100_000
+                && !stop.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let (seen, f) = spread(listener, 20).await;
+                total += seen.values().sum::<usize>() + f;
+                failed += f;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (total, failed)
+        })
+    };
+    operator.kill().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    while holder().await.as_deref() != Some("operator-1") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby never took the Lease"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Restart on the same address, change the policy: the sidecar resyncs.
+    let restarted = OperatorProcess::start(&cluster, NS, "operator-0", config_addr, &cert).await;
+    Api::<BalancerPolicy>::namespaced(client.clone(), NS)
+        .patch(
+            "api",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"endpoints": [a.to_string(), b.to_string(), c.to_string()]}}),
+            ),
+        )
+        .await
+        .expect("patched");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while c_hits.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar never resynced with the restarted operator; its log:\n{}",
+            sidecar_log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (total, failed) = traffic.await.expect("traffic");
+    assert!(total > 1000, "enough traffic through the outage: {total}");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {total} requests failed while the operator was away"
+    );
+    assert!(
+        sidecar.try_wait().expect("status").is_none(),
+        "the sidecar stayed up"
+    );
+    restarted.kill().await;
+    standby.kill().await;
+}
