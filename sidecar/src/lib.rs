@@ -14,6 +14,7 @@ pub mod config_source;
 pub mod forward;
 pub mod health;
 pub mod http_client;
+pub mod llm;
 pub mod metrics;
 pub mod outlier;
 pub mod retry;
