@@ -13,3 +13,4 @@ pub mod decode;
 #[cfg(test)]
 mod fixtures;
 pub mod openai;
+pub mod translate;
