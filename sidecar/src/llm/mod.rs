@@ -13,4 +13,6 @@ pub mod decode;
 #[cfg(test)]
 mod fixtures;
 pub mod openai;
+pub mod sse;
+pub mod stream;
 pub mod translate;
