@@ -13,6 +13,7 @@ pub mod decode;
 #[cfg(test)]
 mod fixtures;
 pub mod openai;
+pub mod routing;
 pub mod sse;
 pub mod stream;
 pub mod translate;
