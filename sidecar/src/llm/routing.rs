@@ -191,7 +191,7 @@ impl Breaker {
             } => BreakerState::Closed {
                 consecutive_failures: consecutive_failures + 1,
             },
-            BreakerState::HalfOpen { trips, .. } => self.open(now, trips + 1),
+            BreakerState::HalfOpen { trips, .. } => self.open(now, trips.saturating_add(1)),
             // A late answer to a request sent before the breaker opened.
             open @ BreakerState::Open { .. } => open,
         };
@@ -205,7 +205,7 @@ impl Breaker {
             .saturating_mul(factor)
             .min(self.config.max_open_for);
         BreakerState::Open {
-            until: now + open_for,
+            until: later(now, open_for),
             trips,
         }
     }
@@ -252,6 +252,14 @@ impl DecayedMean {
             _ => self.weight,
         }
     }
+}
+
+/// `now + d`, saturating instead of panicking on overflow (a reset time in a header may
+/// be anything).
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(86_400 * 365)))
+        .unwrap_or(now)
 }
 
 /// `0.5^(age / half_life)`.
@@ -415,9 +423,14 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     }
     let offset_secs = match rest {
         "Z" | "z" => 0,
-        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+        _ if rest.len() == 6
+            && matches!(rest.as_bytes()[0], b'+' | b'-')
+            && rest.as_bytes()[3] == b':' =>
+        {
             let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (rest[1..3].parse::<i64>().ok()? * 3600 + rest[4..6].parse::<i64>().ok()? * 60)
+            let hours = rest.get(1..3)?.parse::<i64>().ok()?;
+            let minutes = rest.get(4..6)?.parse::<i64>().ok()?;
+            sign * (hours * 3600 + minutes * 60)
         }
         _ => return None,
     };
@@ -443,7 +456,7 @@ struct RateLimitState {
 
 impl RateLimitState {
     fn observe(&mut self, snapshot: &RateLimitSnapshot, now: Instant) {
-        let with_reset = |h: Headroom| (h, h.reset_after.map(|d| now + d));
+        let with_reset = |h: Headroom| (h, h.reset_after.map(|d| later(now, d)));
         if let Some(h) = snapshot.requests {
             self.requests = Some(with_reset(h));
         }
@@ -774,11 +787,11 @@ impl Router {
             }
             Outcome::RateLimited { retry_after } => {
                 let wait = retry_after.unwrap_or(DEFAULT_COOL_DOWN).min(MAX_COOL_DOWN);
-                p.cool_down_until = Some(now + wait);
+                p.cool_down_until = Some(later(now, wait));
                 // The half-open probe ended without a verdict on the provider's health.
                 if let BreakerState::HalfOpen { trips, .. } = p.breaker.state {
                     p.breaker.state = BreakerState::Open {
-                        until: now + wait,
+                        until: later(now, wait),
                         trips,
                     };
                 }
@@ -1261,6 +1274,8 @@ mod tests {
             now + Duration::from_millis(500)
         );
         assert_eq!(parse_rfc3339("2025-13-15T10:30:00Z"), None);
+        assert_eq!(parse_rfc3339("2025-01-15T10:30:00é1:00"), None);
+        assert_eq!(parse_rfc3339("2025-01-15T10:30:00+é:00"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);
 
         let mut headers = HeaderMap::new();

@@ -21,8 +21,7 @@
 //! open block and sends `message_delta` (stop reason and usage) and `message_stop`.
 //! Chat Completions streams tool calls one after the other; fragments of a call whose
 //! block was already closed are a protocol error. A stream that ends without `[DONE]`
-//! after its `finish_reason` is taken as complete (some compatible servers omit it);
-//! without a `finish_reason` it is truncated.
+//! is truncated, even after its `finish_reason`: the usage chunk may be what is missing.
 
 use serde_json::json;
 use trimtab_api::balancer_policy::ProviderKind;
@@ -80,8 +79,9 @@ pub struct AnthropicToOpenAi {
     id: String,
     model: String,
     started: bool,
-    /// The OpenAI tool-call index of each Anthropic block index (None: not a tool block).
-    tool_index_of_block: Vec<Option<u32>>,
+    /// `(Anthropic block index, OpenAI tool-call index)` of each tool_use block. A list,
+    /// not a table indexed by block: the index comes from upstream and may be anything.
+    tool_index_of_block: Vec<(u32, u32)>,
     next_tool_index: u32,
     usage: an::Usage,
     finish_sent: bool,
@@ -176,13 +176,15 @@ impl AnthropicToOpenAi {
                 content_block,
             } => match content_block {
                 an::ContentBlock::ToolUse(tool) => {
-                    let slot = index as usize;
-                    if self.tool_index_of_block.len() <= slot {
-                        self.tool_index_of_block.resize(slot + 1, None);
+                    if self.tool_index_of_block.iter().any(|&(b, _)| b == index) {
+                        return Err((
+                            ErrorKind::ServerError,
+                            format!("content block {index} was started twice"),
+                        ));
                     }
                     let tool_index = self.next_tool_index;
                     self.next_tool_index += 1;
-                    self.tool_index_of_block[slot] = Some(tool_index);
+                    self.tool_index_of_block.push((index, tool_index));
                     out.push(self.tool_delta(oa::ToolCallDelta {
                         index: tool_index,
                         id: Some(tool.id),
@@ -215,9 +217,9 @@ impl AnthropicToOpenAi {
                 an::BlockDelta::InputJsonDelta { partial_json } => {
                     let Some(tool_index) = self
                         .tool_index_of_block
-                        .get(index as usize)
-                        .copied()
-                        .flatten()
+                        .iter()
+                        .find(|&&(b, _)| b == index)
+                        .map(|&(_, t)| t)
                     else {
                         return Err((
                             ErrorKind::ServerError,
@@ -550,18 +552,8 @@ impl StreamTranslator for OpenAiToAnthropic {
     }
 
     fn on_end(&mut self, offset: u64, out: &mut Vec<SseEvent>) {
-        if self.done {
-            return;
-        }
-        if self.finish.is_some() {
-            self.complete(out);
-        } else {
-            self.fail(
-                ErrorKind::ServerError,
-                &format!("the provider's stream ended after {offset} bytes, before finish_reason and [DONE]"),
-                out,
-            );
-        }
+        let message = format!("the provider's stream ended after {offset} bytes, before [DONE]");
+        self.fail(ErrorKind::ServerError, &message, out);
     }
 
     fn is_done(&self) -> bool {
@@ -1021,6 +1013,104 @@ mod tests {
                 .unwrap()
                 .contains("not UTF-8 at byte 0")
         );
+    }
+
+    /// Whether `events` (the application's stream) ends properly: `[DONE]` or
+    /// `message_stop`, or one error event and nothing after it.
+    fn ends_cleanly(events: &[SseEvent]) -> bool {
+        let Some(last) = events.last() else {
+            return false;
+        };
+        let is_error =
+            |e: &SseEvent| e.event.as_deref() == Some("error") || e.data.starts_with("{\"error\"");
+        let errors = events.iter().filter(|e| is_error(e)).count();
+        let complete = last.data == "[DONE]" || last.event.as_deref() == Some("message_stop");
+        (complete && errors == 0) || (is_error(last) && errors == 1)
+    }
+
+    #[test]
+    fn a_stream_cut_at_any_byte_ends_with_done_or_exactly_one_error() {
+        for (provider, app, input) in [
+            (
+                ProviderKind::Anthropic,
+                ProviderKind::Openai,
+                ANTHROPIC_TOOL_STREAM,
+            ),
+            (
+                ProviderKind::Openai,
+                ProviderKind::Anthropic,
+                OPENAI_TOOL_STREAM,
+            ),
+        ] {
+            for cut in 0..=input.len() {
+                let events = map(provider, app, &input.as_bytes()[..cut], 17);
+                assert!(
+                    ends_cleanly(&events),
+                    "{provider:?} cut at {cut}: {events:?}"
+                );
+                if cut < input.len() {
+                    assert!(
+                        events.last().unwrap().data.contains("error"),
+                        "{provider:?} cut at {cut} was taken as complete"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics_and_ends_with_one_error() {
+        // A deterministic byte soup made of SSE-looking pieces and arbitrary bytes.
+        let pieces: [&[u8]; 12] = [
+            b"event: message_start\n",
+            b"data: {\"type\":\"content_block_start\",\"index\":4000000000,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"f\",\"input\":{}}}\n",
+            b"data: {\"type\":\"content_block_delta\",\"index\":4000000000,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\"}}\n",
+            b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":7}]},\"finish_reason\":null}]}\n",
+            b"data: [DONE]\n",
+            b"\n",
+            b"\r\n",
+            b": comment\n",
+            b"data: {\"type\":\"message_stop\"}\n",
+            b"\xff\xfe",
+            b"data: {\"error\":{\"message\":\"x\",\"type\":\"server_error\"}}\n",
+            b"event: error\ndata: {}\n",
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let mut input = Vec::new();
+            for _ in 0..8 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                input.extend_from_slice(pieces[(state % pieces.len() as u64) as usize]);
+            }
+            for (provider, app) in [
+                (ProviderKind::Anthropic, ProviderKind::Openai),
+                (ProviderKind::Openai, ProviderKind::Anthropic),
+                (ProviderKind::Openai, ProviderKind::Openai),
+                (ProviderKind::Anthropic, ProviderKind::Anthropic),
+            ] {
+                let mut mapper = StreamMapper::new(provider, app, "m", options());
+                let mut wire = Vec::new();
+                for chunk in input.chunks(1 + (state % 9) as usize) {
+                    wire.extend(mapper.push(chunk));
+                }
+                wire.extend(mapper.finish());
+                assert!(mapper.is_done());
+                // Whatever came in, what goes out is a well-formed event stream.
+                let mut parser = SseParser::new();
+                let mut events = Vec::new();
+                parser.push(&wire, &mut events).unwrap();
+                parser.finish().unwrap();
+                if provider != app {
+                    assert!(
+                        ends_cleanly(&events),
+                        "{provider:?}->{app:?} {:?}: {events:?}",
+                        String::from_utf8_lossy(&input)
+                    );
+                }
+            }
+        }
     }
 
     #[test]
