@@ -3,7 +3,7 @@
 //! exactly where to look.
 //!
 //! Tagged unions of the two dialects (messages by `role`, content blocks by `type`) are
-//! decoded by hand through [`from_value_at`]: serde's derived internally tagged enums
+//! decoded by hand through `from_value_at`: serde's derived internally tagged enums
 //! would lose the path inside the variant, and could not keep unknown variants whole.
 
 use serde::de::{self, DeserializeOwned};

@@ -30,6 +30,10 @@
 //! moves away *before* the 429. Between two sets of headers the remaining counts are
 //! decremented locally for each request sent, since requests in flight consume them too.
 //!
+//! With [`Router::choose_fitting`], providers whose context window holds the request
+//! without eviction come first, whatever the strategy: a bigger window beats a faster
+//! model that would have to forget part of the conversation.
+//!
 //! # Circuit breaker
 //!
 //! Closed → open after [`BreakerConfig::failure_threshold`] consecutive failures
@@ -43,8 +47,17 @@
 //! Linkerd's retry budget): failovers and first attempts are counted with a decay of
 //! [`BUDGET_WINDOW`], and a failover is allowed while `failovers < budget% × requests +
 //! MIN_FAILOVERS`. The floor lets a quiet route fail over at all.
+//!
+//! # Hedging
+//!
+//! With `failover.hedge`, [`Router::hedge_delay`] is the route's p95 time to first token
+//! over its last [`RECENT_TTFT_SAMPLES`] answers; a request still without a first byte
+//! then may go to a second provider ([`Router::hedge`]), paid from the failover budget.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
 
 use http::HeaderMap;
 use trimtab_api::balancer_policy::{
@@ -67,6 +80,12 @@ pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 /// Failovers always allowed within one [`BUDGET_WINDOW`], whatever the traffic
 /// (Finagle's `minRetriesPerSec` × ttl, scaled down for LLM request rates).
 pub const MIN_FAILOVERS: f64 = 10.0;
+
+/// Recent times to first token kept for the route's p95 (hedging).
+pub const RECENT_TTFT_SAMPLES: usize = 200;
+
+/// Samples needed before hedging starts: a p95 of fewer is noise.
+pub const MIN_HEDGE_SAMPLES: usize = 20;
 
 /// Circuit-breaker settings. Not in the CRD yet; the defaults are the usual ones
 /// (Hystrix-style: a handful of consecutive failures, seconds open, one probe).
@@ -521,6 +540,8 @@ pub enum Reason {
     Exploration,
     /// A failover after another provider failed.
     Failover,
+    /// A hedge: the first attempt is slower than the route's p95 time to first token.
+    Hedge,
 }
 
 /// A provider chosen for one attempt.
@@ -566,6 +587,7 @@ pub struct Router {
     current: Option<usize>,
     first_attempts: DecayedCount,
     failovers: DecayedCount,
+    recent_ttft: VecDeque<Duration>,
 }
 
 impl Router {
@@ -592,6 +614,7 @@ impl Router {
             current: None,
             first_attempts: DecayedCount::default(),
             failovers: DecayedCount::default(),
+            recent_ttft: VecDeque::with_capacity(RECENT_TTFT_SAMPLES),
         }
     }
 
@@ -614,30 +637,48 @@ impl Router {
         self.routing.half_life.get()
     }
 
-    /// Usable providers at `now`, split into those with rate-limit room and those
-    /// without; `exclude` lists providers already tried.
-    fn candidates(&mut self, now: Instant, tokens: u64, exclude: &[usize]) -> Vec<usize> {
-        let mut roomy = Vec::new();
-        let mut tight = Vec::new();
+    /// Usable providers at `now` (not excluded, not cooling down, breaker allowing), in
+    /// the first non-empty tier of: window fits and rate-limit room; window fits; room;
+    /// the rest.
+    fn candidates(
+        &mut self,
+        now: Instant,
+        tokens: u64,
+        exclude: &[usize],
+        fits: &dyn Fn(usize) -> bool,
+    ) -> Vec<usize> {
+        let mut tiers: [Vec<usize>; 4] = Default::default();
         for (i, p) in self.providers.iter_mut().enumerate() {
             p.rate_limits.expire(now);
             let cooling = p.cool_down_until.is_some_and(|until| now < until);
             if exclude.contains(&i) || cooling || !p.breaker.allows(now) {
                 continue;
             }
-            if p.rate_limits.low(tokens) {
-                tight.push(i)
-            } else {
-                roomy.push(i)
-            }
+            let tier = usize::from(!fits(i)) * 2 + usize::from(p.rate_limits.low(tokens));
+            tiers[tier].push(i);
         }
-        if roomy.is_empty() { tight } else { roomy }
+        tiers
+            .into_iter()
+            .find(|t| !t.is_empty())
+            .unwrap_or_default()
     }
 
     /// Chooses the provider for a new request at `now`; `roll` is uniform in [0, 1) and
     /// `tokens` the request's estimated token count (prompt plus expected output).
     pub fn choose(&mut self, now: Instant, roll: f64, tokens: u64) -> Result<Decision, NoProvider> {
-        let candidates = self.candidates(now, tokens, &[]);
+        self.choose_fitting(now, roll, tokens, &|_| true)
+    }
+
+    /// [`choose`](Self::choose), preferring the providers for which `fits` says the
+    /// request fits the context window without eviction.
+    pub fn choose_fitting(
+        &mut self,
+        now: Instant,
+        roll: f64,
+        tokens: u64,
+        fits: &dyn Fn(usize) -> bool,
+    ) -> Result<Decision, NoProvider> {
+        let candidates = self.candidates(now, tokens, &[], fits);
         let first = *candidates.first().ok_or(NoProvider::AllUnavailable)?;
         let (provider, reason) = match self.routing.strategy {
             RoutingStrategy::Priority => (first, Reason::Chosen),
@@ -725,10 +766,58 @@ impl Router {
         tried: &[usize],
         tokens: u64,
     ) -> Result<Decision, NoProvider> {
+        self.extra_attempt(now, tried, tokens, &|_| true, Reason::Failover)
+    }
+
+    /// [`failover`](Self::failover), preferring providers whose window fits.
+    pub fn failover_fitting(
+        &mut self,
+        now: Instant,
+        tried: &[usize],
+        tokens: u64,
+        fits: &dyn Fn(usize) -> bool,
+    ) -> Result<Decision, NoProvider> {
+        self.extra_attempt(now, tried, tokens, fits, Reason::Failover)
+    }
+
+    /// How long to wait for the first byte before hedging: the route's p95 time to first
+    /// token over the last [`RECENT_TTFT_SAMPLES`] answers. `None` when `failover.hedge`
+    /// is off or fewer than [`MIN_HEDGE_SAMPLES`] answers were seen.
+    pub fn hedge_delay(&self) -> Option<Duration> {
+        if !self.failover.hedge || self.recent_ttft.len() < MIN_HEDGE_SAMPLES {
+            return None;
+        }
+        let mut sorted: Vec<Duration> = self.recent_ttft.iter().copied().collect();
+        sorted.sort_unstable();
+        // Nearest-rank p95.
+        let rank = (sorted.len() * 95).div_ceil(100).max(1);
+        sorted.get(rank - 1).copied()
+    }
+
+    /// A second provider for a request whose first byte is later than
+    /// [`hedge_delay`](Self::hedge_delay); it counts against the failover budget, so
+    /// hedging cannot add more load than failover may.
+    pub fn hedge(
+        &mut self,
+        now: Instant,
+        tried: &[usize],
+        tokens: u64,
+    ) -> Result<Decision, NoProvider> {
+        self.extra_attempt(now, tried, tokens, &|_| true, Reason::Hedge)
+    }
+
+    fn extra_attempt(
+        &mut self,
+        now: Instant,
+        tried: &[usize],
+        tokens: u64,
+        fits: &dyn Fn(usize) -> bool,
+        reason: Reason,
+    ) -> Result<Decision, NoProvider> {
         if tried.len() as u32 >= self.failover.max_attempts {
             return Err(NoProvider::MaxAttempts(self.failover.max_attempts));
         }
-        let candidates = self.candidates(now, tokens, tried);
+        let candidates = self.candidates(now, tokens, tried, fits);
         let provider = match self.routing.strategy {
             RoutingStrategy::LowestLatency => candidates.iter().copied().min_by(|&a, &b| {
                 let ea = self.providers[a].latency.value().unwrap_or(f64::MAX);
@@ -745,10 +834,7 @@ impl Router {
         }
         self.failovers.add(now);
         self.dispatch(provider, now, tokens);
-        Ok(Decision {
-            provider,
-            reason: Reason::Failover,
-        })
+        Ok(Decision { provider, reason })
     }
 
     /// Reports the rate-limit headers of a response from `provider`.
@@ -784,6 +870,10 @@ impl Router {
                     }
                 };
                 p.latency.add(now, sample, half_life);
+                if self.recent_ttft.len() == RECENT_TTFT_SAMPLES {
+                    self.recent_ttft.pop_front();
+                }
+                self.recent_ttft.push_back(ttft);
             }
             Outcome::RateLimited { retry_after } => {
                 let wait = retry_after.unwrap_or(DEFAULT_COOL_DOWN).min(MAX_COOL_DOWN);
@@ -1237,6 +1327,44 @@ mod tests {
             (25..=31).contains(&failed_over),
             "{failed_over} failovers for 100 requests"
         );
+    }
+
+    #[test]
+    fn a_provider_whose_window_fits_is_preferred_over_a_faster_one_that_does_not() {
+        let t0 = Instant::now();
+        let mut r = router(RoutingStrategy::LowestLatency, 0.0);
+        r.record(0, t0, ok(100));
+        r.record(1, t0, ok(300));
+        assert_eq!(r.choose(t0, 0.5, 1).unwrap().provider, 0);
+        let fits_only_1 = |p: usize| p == 1;
+        assert_eq!(
+            r.choose_fitting(t0, 0.5, 1, &fits_only_1).unwrap().provider,
+            1
+        );
+        // When none fits, the usual choice stands (and fitting will evict).
+        assert_eq!(
+            r.choose_fitting(t0, 0.5, 1, &|_| false).unwrap().provider,
+            0
+        );
+        let d = r.failover_fitting(t0, &[1], 1, &fits_only_1).unwrap();
+        assert_eq!(d.provider, 0, "the only provider left, fitting or not");
+    }
+
+    #[test]
+    fn hedging_waits_for_the_routes_p95_ttft_and_spends_the_failover_budget() {
+        let t0 = Instant::now();
+        let mut r = router(RoutingStrategy::Priority, 0.0);
+        for ms in 1..=100u64 {
+            r.record(0, t0, ok(ms * 10));
+        }
+        assert_eq!(r.hedge_delay(), None, "hedging is off by default");
+        r.failover.hedge = true;
+        assert_eq!(r.hedge_delay(), Some(Duration::from_millis(950)));
+        let first = r.choose(t0, 0.5, 1).unwrap();
+        let hedge = r.hedge(t0, &[first.provider], 1).unwrap();
+        assert_eq!((hedge.provider, hedge.reason), (1, Reason::Hedge));
+        let spent = r.failovers.at(t0);
+        assert!((spent - 1.0).abs() < 1e-9);
     }
 
     #[test]
