@@ -20,7 +20,9 @@
 //! `tool_use` block whose `arguments` arrive as `input_json_delta`; `[DONE]` closes the
 //! open block and sends `message_delta` (stop reason and usage) and `message_stop`.
 //! Chat Completions streams tool calls one after the other; fragments of a call whose
-//! block was already closed are a protocol error. A stream that ends without `[DONE]`
+//! block was already closed are a protocol error. OpenAI reports usage only at the end,
+//! so `message_start` says 0 input tokens and `message_delta` carries the real counts
+//! (the Anthropic SDKs take input counts from `message_delta` when present). A stream that ends without `[DONE]`
 //! is truncated, even after its `finish_reason`: the usage chunk may be what is missing.
 
 use serde_json::json;
@@ -1111,6 +1113,121 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_translated_stream_reassembles_to_the_translated_whole_response() {
+        use crate::llm::translate;
+
+        // Anthropic → OpenAI: accumulate the chunks as the OpenAI SDK does.
+        let events = map(
+            ProviderKind::Anthropic,
+            ProviderKind::Openai,
+            ANTHROPIC_TOOL_STREAM.as_bytes(),
+            11,
+        );
+        let mut text = String::new();
+        let mut calls: Vec<(String, String, String)> = Vec::new();
+        let mut finish = None;
+        let mut usage = None;
+        for e in events.iter().filter(|e| e.data != "[DONE]") {
+            let chunk: oa::ChatCompletionChunk = decode(e.data.as_bytes()).unwrap();
+            usage = chunk.usage.or(usage);
+            for choice in chunk.choices {
+                text.push_str(choice.delta.content.as_deref().unwrap_or(""));
+                for call in choice.delta.tool_calls.into_iter().flatten() {
+                    let i = call.index as usize;
+                    if calls.len() <= i {
+                        calls.resize(i + 1, Default::default());
+                    }
+                    let f = call.function.unwrap_or_default();
+                    calls[i].0.push_str(call.id.as_deref().unwrap_or(""));
+                    calls[i].1.push_str(f.name.as_deref().unwrap_or(""));
+                    calls[i].2.push_str(f.arguments.as_deref().unwrap_or(""));
+                }
+                finish = choice.finish_reason.or(finish);
+            }
+        }
+        let whole: an::MessagesResponse = decode(
+            br#"{"id":"msg_014p7gG3wDgGV9EUtLvnow3U","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929",
+            "content":[{"type":"text","text":"Okay, let's check"},{"type":"tool_use","id":"toolu_01T1x1fJ34qAmk2tNTrN7Up6","name":"get_weather","input":{"location":"San Francisco, CA"}}],
+            "stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":472,"output_tokens":89}}"#,
+        )
+        .unwrap();
+        let expected = translate::anthropic_to_openai_response(&whole, 0);
+        let message = &expected.choices[0].message;
+        assert_eq!(Some(text), message.content);
+        let expected_calls = message.tool_calls.as_ref().unwrap();
+        assert_eq!(calls.len(), expected_calls.len());
+        for (got, want) in calls.iter().zip(expected_calls) {
+            assert_eq!((&got.0, &got.1), (&want.id, &want.function.name));
+            let got: Value = serde_json::from_str(&got.2).unwrap();
+            let want: Value = serde_json::from_str(&want.function.arguments).unwrap();
+            assert_eq!(got, want);
+        }
+        assert_eq!(finish, expected.choices[0].finish_reason);
+        assert_eq!(usage, expected.usage);
+
+        // OpenAI → Anthropic: accumulate the events as the Anthropic SDK does.
+        let events = map(
+            ProviderKind::Openai,
+            ProviderKind::Anthropic,
+            OPENAI_TOOL_STREAM.as_bytes(),
+            11,
+        );
+        let mut message: Option<an::MessagesResponse> = None;
+        let mut json_buffers: Vec<String> = Vec::new();
+        for e in &events {
+            match decode::<an::StreamEvent>(e.data.as_bytes()).unwrap() {
+                an::StreamEvent::MessageStart { message: m } => message = Some(m),
+                an::StreamEvent::ContentBlockStart { content_block, .. } => {
+                    message.as_mut().unwrap().content.push(content_block);
+                    json_buffers.push(String::new());
+                }
+                an::StreamEvent::ContentBlockDelta { index, delta } => {
+                    let block = &mut message.as_mut().unwrap().content[index as usize];
+                    match (block, delta) {
+                        (an::ContentBlock::Text(t), an::BlockDelta::TextDelta { text }) => {
+                            t.text.push_str(&text)
+                        }
+                        (
+                            an::ContentBlock::ToolUse(_),
+                            an::BlockDelta::InputJsonDelta { partial_json },
+                        ) => json_buffers[index as usize].push_str(&partial_json),
+                        other => panic!("unexpected delta {other:?}"),
+                    }
+                }
+                an::StreamEvent::ContentBlockStop { index } => {
+                    if let an::ContentBlock::ToolUse(t) =
+                        &mut message.as_mut().unwrap().content[index as usize]
+                    {
+                        t.input = serde_json::from_str(&json_buffers[index as usize]).unwrap();
+                    }
+                }
+                an::StreamEvent::MessageDelta { delta, usage } => {
+                    let m = message.as_mut().unwrap();
+                    m.stop_reason = delta.stop_reason;
+                    m.usage = usage;
+                }
+                an::StreamEvent::MessageStop => {}
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        let whole: oa::ChatCompletion = decode(
+            br#"{"id":"chatcmpl-123","object":"chat.completion","created":1694268190,"model":"gpt-4o-mini",
+            "choices":[{"index":0,"message":{"role":"assistant","content":"Checking.","tool_calls":[
+              {"id":"call_a","type":"function","function":{"name":"get_weather","arguments":"{\"location\": \"Paris\"}"}},
+              {"id":"call_b","type":"function","function":{"name":"get_weather","arguments":"{\"location\": \"Rome\"}"}}]},
+              "finish_reason":"tool_calls"}],
+            "usage":{"prompt_tokens":82,"completion_tokens":40,"total_tokens":122,"prompt_tokens_details":{"cached_tokens":64}}}"#,
+        )
+        .unwrap();
+        let expected = translate::openai_to_anthropic_response(&whole).unwrap();
+        let got = message.unwrap();
+        assert_eq!(got.content, expected.content);
+        assert_eq!(got.stop_reason, expected.stop_reason);
+        assert_eq!(got.usage, expected.usage);
+        assert_eq!((got.id, got.model), (expected.id, expected.model));
     }
 
     #[test]
