@@ -24,6 +24,14 @@
 //! first; then older turns first; within a turn, tool results and assistant output
 //! before the user's own words. Ties keep list order, so the plan is deterministic.
 //! Each run of evicted messages leaves one marker message, whose tokens count too.
+//!
+//! # Marking messages
+//!
+//! An application marks a message, in either dialect, with a `trimtab` member:
+//! `{"role": "user", "content": "…", "trimtab": {"pinned": true}}` or
+//! `{"trimtab": {"priority": 5}}` (higher is kept longer; default 0). [`message_hints`]
+//! reads the marks from the request body; the typed messages do not carry the member,
+//! so it never reaches a provider.
 
 use std::{
     collections::HashMap,
@@ -33,7 +41,11 @@ use std::{
 
 use trimtab_api::balancer_policy::ProviderKind;
 
-use super::{anthropic as an, openai as oa};
+use super::{
+    anthropic as an,
+    decode::{DecodeError, decode},
+    openai as oa,
+};
 
 /// Bytes of UTF-8 per token in the Anthropic estimate (see the module doc).
 pub const ANTHROPIC_BYTES_PER_TOKEN: u64 = 3;
@@ -217,6 +229,46 @@ impl FitMessage {
     }
 }
 
+/// How the application marked one message (`"trimtab": {…}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageHints {
+    /// Never evict this message.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Eviction priority: lower goes first; 0 when unset.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// The marks of every message of a request body, in order (default for unmarked ones).
+pub fn message_hints(body: &[u8]) -> Result<Vec<MessageHints>, DecodeError> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        #[serde(default)]
+        messages: Vec<Marked>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Marked {
+        #[serde(default)]
+        trimtab: Option<MessageHints>,
+    }
+    let body: Body = decode(body)?;
+    Ok(body
+        .messages
+        .into_iter()
+        .map(|m| m.trimtab.unwrap_or_default())
+        .collect())
+}
+
+/// Sets `pinned` and `priority` of the planner's messages from the application's marks.
+pub fn apply_hints(messages: &mut [FitMessage], hints: &[MessageHints]) {
+    for (m, h) in messages.iter_mut().zip(hints) {
+        m.pinned |= h.pinned;
+        m.priority = h.priority;
+    }
+}
+
 /// What fitting decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EvictionPlan {
@@ -229,6 +281,17 @@ pub struct EvictionPlan {
 }
 
 impl EvictionPlan {
+    /// A one-line report for a response header and logs:
+    /// `evicted=12; tokens_before=303000; tokens_after=122160`.
+    pub fn summary(&self) -> String {
+        format!(
+            "evicted={}; tokens_before={}; tokens_after={}",
+            self.evicted.len(),
+            self.tokens_before,
+            self.tokens_after
+        )
+    }
+
     /// Whether nothing needs to change.
     pub fn is_empty(&self) -> bool {
         self.evicted.is_empty()
@@ -589,7 +652,7 @@ fn rebuild<M>(
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-    use crate::llm::{decode::decode, fixtures::OPENAI_REQUEST};
+    use crate::llm::fixtures::OPENAI_REQUEST;
 
     fn msg(role: FitRole, tokens: u64) -> FitMessage {
         FitMessage::new(role, tokens)
@@ -642,6 +705,54 @@ mod tests {
         );
         assert!(plan.tokens_after <= available);
         assert_eq!(plan.tokens_before, 303_000);
+    }
+
+    #[test]
+    fn application_marks_pin_and_prioritise_messages_and_are_never_forwarded() {
+        let body = br#"{"model":"gpt-4o","messages":[
+            {"role":"system","content":"s"},
+            {"role":"user","content":"remember: my name is Ada","trimtab":{"pinned":true}},
+            {"role":"assistant","content":"noted"},
+            {"role":"user","content":"old detail","trimtab":{"priority":-1}},
+            {"role":"user","content":"recent"}]}"#;
+        let hints = message_hints(body).unwrap();
+        assert_eq!(
+            hints[1],
+            MessageHints {
+                pinned: true,
+                priority: 0
+            }
+        );
+        assert_eq!(hints[3].priority, -1);
+        let req: oa::ChatRequest = decode(body).unwrap();
+        assert!(!serde_json::to_string(&req).unwrap().contains("trimtab"));
+
+        let mut fit: Vec<FitMessage> = [
+            FitRole::System,
+            FitRole::User,
+            FitRole::Assistant,
+            FitRole::User,
+            FitRole::User,
+        ]
+        .into_iter()
+        .map(|r| msg(r, 100))
+        .collect();
+        apply_hints(&mut fit, &hints);
+        // Room for four messages and a marker: the message marked less important goes
+        // first, although it is more recent than the assistant's answer.
+        let plan = evict_by_priority(&fit, 0, 400 + MARKER_TOKENS, 1).unwrap();
+        assert_eq!(plan.evicted, vec![3]);
+        // Room for three: then the answer; the pinned message stays, though oldest.
+        let plan = evict_by_priority(&fit, 0, 300 + MARKER_TOKENS, 1).unwrap();
+        assert_eq!(plan.evicted, vec![2, 3]);
+        assert_eq!(
+            plan.summary(),
+            "evicted=2; tokens_before=500; tokens_after=340"
+        );
+
+        let err = message_hints(br#"{"messages":[{"trimtab":{"pinnned":true}}]}"#).unwrap_err();
+        assert_eq!(err.path, "messages[0].trimtab.pinnned");
+        assert!(err.message.contains("unknown field `pinnned`"), "{err}");
     }
 
     #[test]
