@@ -25,8 +25,8 @@
 //!   clamped to 1.
 //! - *`max_tokens`* is required by Anthropic: `max_completion_tokens`, else the deprecated
 //!   `max_tokens`, else the caller's default (the policy's `reserveOutputTokens`).
-//! - *Empty assistant text* is dropped (Anthropic refuses empty text blocks), and so is an
-//!   assistant turn left with nothing.
+//! - *Empty text* (system, user or assistant) is dropped, since Anthropic refuses empty
+//!   text blocks, and so is a turn left with nothing.
 //! - *`name` of a message, `detail` of an image, `stream_options`* and the OpenAI-only
 //!   parameters kept in `extra` (`seed`, `logprobs`, `response_format`, penalties,
 //!   `logit_bias`, …) are dropped. Audio and file parts and non-function tools are refused.
@@ -156,12 +156,14 @@ fn user_content_to_anthropic(
     field: &str,
 ) -> Result<Vec<an::ContentBlock>, TranslateError> {
     match content {
+        oa::Content::Text(text) if text.is_empty() => Ok(Vec::new()),
         oa::Content::Text(text) => Ok(vec![an::ContentBlock::Text(an::TextBlock::new(
             text.clone(),
         ))]),
         oa::Content::Parts(parts) => parts
             .iter()
             .enumerate()
+            .filter(|(_, part)| !matches!(part, oa::ContentPart::Text { text } if text.is_empty()))
             .map(|(j, part)| match part {
                 oa::ContentPart::Text { text } => {
                     Ok(an::ContentBlock::Text(an::TextBlock::new(text.clone())))
@@ -222,7 +224,10 @@ pub fn openai_to_anthropic_request(
         let field = format!("messages[{i}]");
         match message {
             oa::Message::System { content, .. } | oa::Message::Developer { content, .. } => {
-                system.push(an::TextBlock::new(content.text()));
+                let text = content.text();
+                if !text.is_empty() {
+                    system.push(an::TextBlock::new(text));
+                }
             }
             oa::Message::User { content, .. } => {
                 let blocks = user_content_to_anthropic(content, &field)?;
@@ -1030,6 +1035,8 @@ mod tests {
               {"role":"tool","tool_call_id":"call.1/x","content":"12C"},
               {"role":"tool","tool_call_id":"call_2","content":"15C"},
               {"role":"system","content":"Be terse."},
+              {"role":"system","content":""},
+              {"role":"user","content":[{"type":"text","text":""}]},
               {"role":"user","content":"Thanks"}]}"#,
         )
         .unwrap();
@@ -1037,7 +1044,10 @@ mod tests {
             serde_json::to_value(openai_to_anthropic_request(&req, "c", 1000).unwrap()).unwrap();
         assert_eq!(out["temperature"], 1.0);
         assert_eq!(out["max_tokens"], 1000);
-        assert_eq!(out["system"][0]["text"], "Be terse.");
+        assert_eq!(
+            out["system"],
+            json!([{"type": "text", "text": "Be terse."}])
+        );
         let msgs = out["messages"].as_array().unwrap();
         assert_eq!(
             msgs.len(),
