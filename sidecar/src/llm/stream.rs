@@ -2,8 +2,10 @@
 //! application's events as they go — never holding more than the current event.
 //!
 //! [`StreamMapper`] puts the pieces together for the proxy: it takes the provider's body
-//! chunk by chunk (as a hyper body yields frames) and returns the bytes to send on, so a
-//! body can be mapped with `map_frame`. Whatever goes wrong upstream — a cut stream,
+//! chunk by chunk (as a hyper body yields frames) and returns the bytes to send on. A
+//! body wrapper calls [`StreamMapper::push`] for each data frame, [`StreamMapper::finish`]
+//! when the provider's body ends and [`StreamMapper::abort`] when it fails or times out;
+//! empty results are simply not sent. Whatever goes wrong upstream — a cut stream,
 //! bytes that are not an event stream, events that are not JSON or break the protocol,
 //! an `error` event — ends the downstream stream with one error event in the
 //! application's dialect, after which input is ignored.
