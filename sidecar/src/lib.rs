@@ -16,6 +16,7 @@ pub mod control_plane;
 pub mod forward;
 pub mod health;
 pub mod http_client;
+pub mod llm;
 pub mod metrics;
 pub mod outlier;
 pub mod retry;

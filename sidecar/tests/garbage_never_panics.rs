@@ -1,15 +1,28 @@
 //! Bad input anywhere gets an error, never a panic: the parsers of policy files,
-//! load-report headers, Retry-After and Connection headers, fed mutated inputs from a
-//! fixed seed (a stable, bounded stand-in for a fuzzer that runs in every test run).
+//! load-report headers, Retry-After and Connection headers, and the LLM gateway's
+//! request decoding, translation, fitting, rate-limit headers and stream mapping, fed
+//! mutated inputs from a fixed seed (a stable, bounded stand-in for a fuzzer that runs
+//! in every test run).
 #![allow(clippy::unwrap_used)]
 
 use std::{path::Path, time::SystemTime};
 
 use http::{HeaderMap, HeaderValue};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use trimtab_api::sidecar_config::SidecarConfig;
+use trimtab_api::{balancer_policy::ProviderKind, sidecar_config::SidecarConfig};
 use trimtab_sidecar::{
-    balancer::weights::parse_orca, config_source::parse_policies, forward::remove_hop_by_hop, retry,
+    balancer::weights::parse_orca,
+    config_source::parse_policies,
+    forward::remove_hop_by_hop,
+    llm::{
+        anthropic,
+        decode::decode,
+        fitting::{self, Encoding, TokenCounter},
+        openai, routing,
+        stream::{OpenAiStreamOptions, StreamMapper},
+        translate,
+    },
+    retry,
 };
 
 const ITERATIONS: usize = 3000;
@@ -145,5 +158,132 @@ fn retry_after_and_connection_headers_never_panic() {
         }
         remove_hop_by_hop(&mut headers);
         assert!(!headers.contains_key(http::header::CONNECTION));
+    }
+}
+
+const OPENAI_REQUEST: &str = r#"{"model":"gpt-4o","stream":true,"n":1,"temperature":1.5,"stop":"END",
+"messages":[{"role":"system","content":"Be brief."},
+{"role":"user","content":[{"type":"text","text":"Weather?"},{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBO"}}]},
+{"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"w","arguments":"{\"city\":\"Oslo\"}"}}]},
+{"role":"tool","tool_call_id":"call_1","content":"-3C","trimtab":{"priority":2}},
+{"role":"user","content":"Thanks","trimtab":{"pinned":true}}],
+"tools":[{"type":"function","function":{"name":"w","parameters":{"type":"object"}}}],
+"tool_choice":"required","parallel_tool_calls":false}"#;
+
+const ANTHROPIC_REQUEST: &str = r#"{"model":"claude","max_tokens":100,"stream":true,
+"system":[{"type":"text","text":"Be brief.","cache_control":{"type":"ephemeral"}}],
+"messages":[{"role":"user","content":[{"type":"text","text":"Weather?"},{"type":"image","source":{"type":"url","url":"https://x/y.png"}}]},
+{"role":"assistant","content":[{"type":"tool_use","id":"toolu_1","name":"w","input":{"city":"Oslo"}}]},
+{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_1","content":"-3C","is_error":false},{"type":"text","text":"Thanks"}]}],
+"tools":[{"name":"w","input_schema":{"type":"object"}}],"tool_choice":{"type":"any"}}"#;
+
+#[test]
+fn llm_requests_never_panic_decoding_translation_or_fitting() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut openai_counter = TokenCounter::new(Encoding::O200kBase).unwrap();
+    let mut anthropic_counter = TokenCounter::new(Encoding::AnthropicEstimate).unwrap();
+    let (mut decoded, mut translated) = (0, 0);
+    for _ in 0..ITERATIONS {
+        let text = mutate(&mut rng, OPENAI_REQUEST);
+        let hints = fitting::message_hints(text.as_bytes()).unwrap_or_default();
+        if let Ok(req) = decode::<openai::ChatRequest>(text.as_bytes()) {
+            decoded += 1;
+            let (mut fit, fixed) = fitting::openai_messages(&req, &mut openai_counter);
+            fitting::apply_hints(&mut fit, &hints);
+            if let Ok(plan) = fitting::evict_by_priority(&fit, fixed, 60, 1) {
+                let mut fitted = req.clone();
+                fitting::apply_openai(&mut fitted, &plan, &fit);
+            }
+            if let Ok(out) = translate::openai_to_anthropic_request(&req, "claude", 1024) {
+                translated += 1;
+                serde_json::to_vec(&out).unwrap();
+            }
+        }
+        let text = mutate(&mut rng, ANTHROPIC_REQUEST);
+        if let Ok(req) = decode::<anthropic::MessagesRequest>(text.as_bytes()) {
+            decoded += 1;
+            let (fit, fixed) = fitting::anthropic_messages(&req, &mut anthropic_counter);
+            if let Ok(plan) = fitting::evict_by_priority(&fit, fixed, 30, 1) {
+                let mut fitted = req.clone();
+                fitting::apply_anthropic(&mut fitted, &plan, &fit);
+            }
+            if let Ok(out) = translate::anthropic_to_openai_request(&req, "gpt-4o") {
+                translated += 1;
+                serde_json::to_vec(&out).unwrap();
+            }
+        }
+    }
+    assert!(
+        decoded > 0 && translated > 0,
+        "{decoded} decoded, {translated} translated"
+    );
+}
+
+#[test]
+fn llm_provider_errors_and_rate_limit_headers_never_panic() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let now = SystemTime::now();
+    for _ in 0..ITERATIONS {
+        let body = mutate(
+            &mut rng,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        for kind in [ProviderKind::Openai, ProviderKind::Anthropic] {
+            let e = translate::classify_provider_error(
+                kind,
+                rng.random_range(400..600),
+                body.as_bytes(),
+            );
+            let (status, _) = translate::render_error(ProviderKind::Openai, e.kind, &e.message);
+            assert!((400..600).contains(&status));
+        }
+        let mut headers = HeaderMap::new();
+        for (name, seed) in [
+            ("x-ratelimit-remaining-tokens", "30000"),
+            ("x-ratelimit-reset-tokens", "6m0.5s"),
+            ("anthropic-ratelimit-tokens-remaining", "8000"),
+            (
+                "anthropic-ratelimit-tokens-reset",
+                "2025-01-15T10:30:40.25+01:00",
+            ),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&mutate(&mut rng, seed)) {
+                headers.insert(name, v);
+            }
+        }
+        for kind in [ProviderKind::Openai, ProviderKind::Anthropic] {
+            let _ = routing::parse_rate_limits(kind, &headers, now);
+        }
+        let _ = routing::parse_rfc3339(&mutate(&mut rng, "2025-01-15T10:30:40Z"));
+    }
+}
+
+#[test]
+fn llm_streams_never_panic_the_stream_mapper() {
+    let anthropic_stream = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"w\",\"input\":{}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{}\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":9}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+    let openai_stream = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\",\"tool_calls\":[{\"index\":0,\"id\":\"a\",\"type\":\"function\",\"function\":{\"name\":\"w\",\"arguments\":\"{}\"}}]},\"finish_reason\":\"tool_calls\"}]}\n\ndata: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2,\"total_tokens\":5}}\n\ndata: [DONE]\n\n";
+    let mut rng = StdRng::seed_from_u64(7);
+    let options = OpenAiStreamOptions {
+        created: 1,
+        include_usage: true,
+    };
+    for _ in 0..ITERATIONS {
+        for (provider, app, seed) in [
+            (
+                ProviderKind::Anthropic,
+                ProviderKind::Openai,
+                anthropic_stream,
+            ),
+            (ProviderKind::Openai, ProviderKind::Anthropic, openai_stream),
+        ] {
+            let input = mutate(&mut rng, seed);
+            let mut mapper = StreamMapper::new(provider, app, "m", options.clone());
+            let chunk = rng.random_range(1..64);
+            for part in input.as_bytes().chunks(chunk) {
+                let _ = mapper.push(part);
+            }
+            let _ = mapper.finish();
+            assert!(mapper.is_done());
+        }
     }
 }
