@@ -23,6 +23,8 @@ struct Entry {
     route: Route,
     /// Hash of `route`, so a pod's ETag is computed without serializing routes.
     hash: u64,
+    /// The index version at which this route last changed: the policy's configVersion.
+    changed: u64,
 }
 
 /// What one pod is served: its config, and an ETag that changes exactly when the
@@ -70,8 +72,9 @@ impl Default for PolicyIndex {
 
 impl PolicyIndex {
     /// Stores `route` for the policy `key` (whose object has `uid`), applying to pods
-    /// matched by `selector`. Returns the index version that holds it — unchanged input
-    /// changes nothing — or `None` when that policy was deleted meanwhile.
+    /// matched by `selector`. Returns the version at which this route last changed —
+    /// unchanged input changes nothing and wakes nobody — or `None` when that policy was
+    /// deleted meanwhile.
     pub fn upsert(
         &self,
         key: PolicyKey,
@@ -88,19 +91,23 @@ impl PolicyIndex {
                 .policies
                 .get(&key)
                 .is_some_and(|e| e.route == route && e.selector == selector);
-            if !unchanged {
-                state.bump();
-                let hash = hash_of(&route);
-                state.policies.insert(
-                    key,
-                    Entry {
-                        selector,
-                        route,
-                        hash,
-                    },
-                );
+            if unchanged {
+                // Nothing to announce: waking every long poll for an unchanged route
+                // costs each of them a full match over the index.
+                return state.policies.get(&key).map(|e| e.changed);
             }
-            state.version
+            let changed = state.bump();
+            let hash = hash_of(&route);
+            state.policies.insert(
+                key,
+                Entry {
+                    selector,
+                    route,
+                    hash,
+                    changed,
+                },
+            );
+            changed
         };
         self.changes.send_replace(version);
         Some(version)
