@@ -481,13 +481,13 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
     let (weighting, mut degraded, requeue, usage, reported) =
         if spec.algorithm == Algorithm::CpuWeighted {
             let weighting = spec.weighting.clone().unwrap_or_default();
-            let source = source_for(&weighting, &ctx.client);
             if weighting.source == SourceKind::LoadReports {
                 // Until traffic flows there is nothing to report: no problem, equal weights.
                 let interval = weighting.interval.get();
                 let reported = ctx.load_reports.samples(&key, now);
                 (weighting, None, interval, CpuUsage::default(), reported)
             } else {
+                let source = source_for(&weighting, &ctx.client);
                 let (usage, problem) = match source.cpu_usage(namespace).await {
                     Ok(u) => (u, None),
                     Err(e) => {

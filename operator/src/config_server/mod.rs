@@ -48,6 +48,8 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT_SECONDS: u64 = 60;
 /// The largest load report accepted.
 const MAX_REPORT_BYTES: usize = 1 << 20;
+/// How often the connected-sidecars gauge is refreshed.
+const SUBSCRIBER_GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -202,6 +204,19 @@ pub async fn serve(
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let acceptor = TlsAcceptor::from(tls);
+    // The gauge walks every subscriber: sampled off the request path.
+    let gauge = Arc::clone(&state);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(SUBSCRIBER_GAUGE_EVERY);
+        loop {
+            every.tick().await;
+            let connected = gauge.subscribers.connected();
+            gauge
+                .metrics
+                .subscribers
+                .set(i64::try_from(connected).unwrap_or(i64::MAX));
+        }
+    });
     tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
@@ -260,10 +275,6 @@ async fn handle(req: Request<Incoming>, state: &ServerState) -> Response<Full<By
         .requests
         .with_label_values(&[label, response.status().as_str()])
         .inc();
-    state
-        .metrics
-        .subscribers
-        .set(i64::try_from(state.subscribers.connected()).unwrap_or(i64::MAX));
     response
 }
 
