@@ -8,7 +8,7 @@
 pub mod resolve;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -35,7 +35,8 @@ use serde_json::json;
 use trimtab_api::{
     BalancerPolicy, BalancerPolicySpec,
     balancer_policy::{
-        Algorithm, EndpointState, EndpointStatus, MetricsSource as SourceKind, Weighting,
+        Algorithm, BalancerPolicyStatus, EndpointState, EndpointStatus,
+        MetricsSource as SourceKind, Weighting,
     },
     sidecar_config::{Endpoint, Route},
 };
@@ -364,30 +365,43 @@ pub async fn reconcile(
         ctx.subscribers
             .counts(&key, selector, ctx.index.route_hash(&key))
     });
-    let status = json!({
-        "apiVersion": "trimtab.dev/v1alpha1",
-        "kind": "BalancerPolicy",
-        "status": {
-            "observedGeneration": policy.metadata.generation,
-            "conditions": conditions::merge(&current.conditions, outcome.conditions),
-            "configVersion": config_version.or(current.config_version),
-            "activeEndpoints": outcome.endpoints.iter().filter(|e| matches!(e.state, EndpointState::Active | EndpointState::Throttled)).count(),
-            "endpoints": outcome.endpoints,
-            "balanceScore": outcome.balance_score,
-            "sidecars": sidecars.unwrap_or_default(),
-        }
-    });
-    Api::<BalancerPolicy>::namespaced(ctx.client.clone(), &namespace)
-        .patch_status(
-            &key.1,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&status),
-        )
-        .await
-        .map_err(|source| ReconcileError::Status {
-            policy: format!("{}/{}", key.0, key.1),
-            source,
-        })?;
+    let status = BalancerPolicyStatus {
+        observed_generation: policy.metadata.generation,
+        conditions: conditions::merge(&current.conditions, outcome.conditions),
+        config_version: config_version.or(current.config_version),
+        active_endpoints: Some(
+            outcome
+                .endpoints
+                .iter()
+                .filter(|e| matches!(e.state, EndpointState::Active | EndpointState::Throttled))
+                .count()
+                .try_into()
+                .unwrap_or(u32::MAX),
+        ),
+        endpoints: outcome.endpoints,
+        balance_score: outcome.balance_score,
+        sidecars: Some(sidecars.unwrap_or_default()),
+    };
+    // An unchanged status is not written: at a 1 s interval over a thousand policies the
+    // no-op applies alone would keep the API server busy.
+    if status != current {
+        let apply = json!({
+            "apiVersion": "trimtab.dev/v1alpha1",
+            "kind": "BalancerPolicy",
+            "status": status,
+        });
+        Api::<BalancerPolicy>::namespaced(ctx.client.clone(), &namespace)
+            .patch_status(
+                &key.1,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&apply),
+            )
+            .await
+            .map_err(|source| ReconcileError::Status {
+                policy: format!("{}/{}", key.0, key.1),
+                source,
+            })?;
+    }
 
     ctx.metrics.observe_reconcile(started.elapsed());
     Ok(Action::requeue(outcome.requeue))
@@ -441,26 +455,22 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
     }
 
     // resolve
-    let service = spec.service.as_ref().and_then(|s| {
-        ctx.services
-            .get(&ObjectRef::new(&s.name).within(namespace))
-            .map(|s| (*s).clone())
-    });
-    let slices: Vec<EndpointSlice> = ctx
-        .slices
-        .state()
-        .into_iter()
-        .filter(|s| s.namespace().as_deref() == Some(namespace))
-        .map(|s| (*s).clone())
-        .collect();
-    let pods: BTreeMap<String, Pod> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| p.namespace().as_deref() == Some(namespace))
-        .map(|p| (p.name_any(), (*p).clone()))
-        .collect();
-    let resolved = match resolve::endpoints(spec, namespace, service.as_ref(), &slices, &pods) {
+    let service = spec
+        .service
+        .as_ref()
+        .and_then(|s| ctx.services.get(&ObjectRef::new(&s.name).within(namespace)));
+    let slices = ctx.slices.state();
+    let pod = |name: &str| ctx.pods.get(&ObjectRef::new(name).within(namespace));
+    let resolved = match resolve::endpoints(
+        spec,
+        namespace,
+        service.as_deref(),
+        slices
+            .iter()
+            .map(|s| &**s)
+            .filter(|s| s.namespace().as_deref() == Some(namespace)),
+        pod,
+    ) {
         Ok(r) => r,
         Err(e) => return not_ready(reason::SERVICE_NOT_FOUND, e.to_string()),
     };

@@ -3,8 +3,6 @@
 //!
 //! Pure: the controller passes what its watches hold, so this is tested without a cluster.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
@@ -58,14 +56,16 @@ pub enum ResolveError {
 
 /// The endpoints of `spec`, sorted by address so that equal inputs give equal output.
 ///
-/// `slices` may hold any EndpointSlices of the namespace; only those labelled with the
+/// `slices` may yield any EndpointSlices of the namespace; only those labelled with the
 /// Service's name are used. Terminating endpoints are left out: they are going away.
-pub fn endpoints(
+/// `pod` looks a backing pod up by name. Both are lookups into the watches' stores, not
+/// copies: a reconcile must not cost a copy of every pod in the namespace.
+pub fn endpoints<'s, P: std::ops::Deref<Target = Pod>>(
     spec: &BalancerPolicySpec,
     namespace: &str,
     service: Option<&Service>,
-    slices: &[EndpointSlice],
-    pods: &BTreeMap<String, Pod>,
+    slices: impl IntoIterator<Item = &'s EndpointSlice>,
+    pod: impl Fn(&str) -> Option<P>,
 ) -> Result<Vec<ResolvedEndpoint>, ResolveError> {
     if let Some(list) = &spec.endpoints {
         let mut out: Vec<_> = list
@@ -129,15 +129,15 @@ pub fn endpoints(
                 continue;
             }
             let ready = conditions.and_then(|c| c.ready) != Some(false);
-            let pod = endpoint
+            let endpoint_pod = endpoint
                 .target_ref
                 .as_ref()
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| r.name.clone());
-            let cpu_request_millis = pod
-                .as_ref()
-                .and_then(|p| pods.get(p))
-                .and_then(pod_cpu_request);
+            let cpu_request_millis = endpoint_pod
+                .as_deref()
+                .and_then(&pod)
+                .and_then(|p| pod_cpu_request(&p));
             // One address per endpoint is the API's rule; take the first.
             if let Some(ip) = endpoint.addresses.first() {
                 out.push(ResolvedEndpoint {
@@ -146,7 +146,7 @@ pub fn endpoints(
                     } else {
                         format!("{ip}:{port}")
                     },
-                    pod,
+                    pod: endpoint_pod,
                     ready,
                     cpu_request_millis,
                 });
@@ -174,6 +174,8 @@ pub fn pod_cpu_request(pod: &Pod) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
     use serde_json::json;
     use trimtab_api::BalancerPolicy;
 
@@ -218,6 +220,10 @@ mod tests {
         (name.to_owned(), pod)
     }
 
+    fn no_pods(_: &str) -> Option<&'static Pod> {
+        None
+    }
+
     #[test]
     fn resolves_the_target_port_of_the_named_service_port_from_every_slice() {
         let slices = [
@@ -245,7 +251,7 @@ mod tests {
             "shop",
             Some(&service()),
             &slices,
-            &pods,
+            |name: &str| pods.get(name),
         )
         .expect("resolves");
         assert_eq!(
@@ -277,14 +283,13 @@ mod tests {
     fn a_missing_service_or_port_is_named() {
         let s = spec(json!({"name": "inventory", "port": 81}));
         assert_eq!(
-            endpoints(&s, "shop", None, &[], &BTreeMap::new()),
+            endpoints(&s, "shop", None, &[], no_pods),
             Err(ResolveError::ServiceNotFound {
                 namespace: "shop".into(),
                 name: "inventory".into()
             })
         );
-        let err =
-            endpoints(&s, "shop", Some(&service()), &[], &BTreeMap::new()).expect_err("no port 81");
+        let err = endpoints(&s, "shop", Some(&service()), &[], no_pods).expect_err("no port 81");
         assert_eq!(
             err.to_string(),
             "spec.service.port: Service inventory has no port 81 (it has 8080, 9000)"
