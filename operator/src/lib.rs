@@ -13,4 +13,5 @@ pub mod load_reports;
 pub mod metrics;
 pub mod metrics_source;
 pub mod quantity;
+pub mod sidecar_counts;
 pub mod weights;

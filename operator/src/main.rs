@@ -25,6 +25,7 @@ use trimtab_operator::{
     index::PolicyIndex,
     leader::{self, Leadership},
     metrics::Metrics,
+    sidecar_counts::Replica,
 };
 
 /// Layering: defaults < environment (`TRIMTAB_*`) < flags.
@@ -81,7 +82,11 @@ async fn main() -> anyhow::Result<()> {
         .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let registry = prometheus::Registry::new();
     let metrics = Metrics::register(&registry).context("registering metrics")?;
-    let wiring = Wiring::new(PolicyIndex::default());
+    let mut wiring = Wiring::new(PolicyIndex::default());
+    wiring.replica = Some(Replica {
+        namespace: args.namespace.clone(),
+        name: args.instance.clone(),
+    });
     let source = match (&args.tls_cert_file, &args.tls_key_file) {
         (Some(cert), Some(key)) => CertSource::Files {
             cert: cert.clone(),

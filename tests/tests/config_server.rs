@@ -776,6 +776,37 @@ async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() 
         sidecar.try_wait().expect("status").is_none(),
         "the sidecar stayed up"
     );
+
+    // operator-1 leads, the sidecar long-polls the restarted operator-0: the leader
+    // learns of it only from operator-0's published counts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let sidecars = Api::<BalancerPolicy>::namespaced(client.clone(), NS)
+            .get_status("api")
+            .await
+            .ok()
+            .and_then(|p| p.status)
+            .and_then(|s| s.sidecars);
+        if sidecars.as_ref().map(|s| (s.connected, s.up_to_date)) == Some((1, 1)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never counted the other replica's sidecar: {sidecars:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let published = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), NS)
+        .get("trimtab-sidecars-operator-0")
+        .await
+        .expect("operator-0 publishes its sidecar counts");
+    assert_eq!(
+        published
+            .labels()
+            .get(trimtab_operator::sidecar_counts::LABEL)
+            .map(String::as_str),
+        Some("operator-0")
+    );
     restarted.kill().await;
     standby.kill().await;
 }

@@ -50,6 +50,7 @@ use crate::{
     metrics::ControllerMetrics,
     metrics_source::CpuUsage,
     metrics_source::{MetricsServer, MetricsSource, Prometheus},
+    sidecar_counts::{self, Counting, Replica, SidecarTotals},
     weights::{self, Fleet, Observation, Sample, TransitionKind, WeightState},
 };
 
@@ -103,8 +104,8 @@ pub struct Context {
     pods: Store<Pod>,
     /// The weight controller's memory per policy (smoothed samples, last weights).
     weights: Mutex<HashMap<PolicyKey, WeightState>>,
-    /// The sidecars this replica serves; counted into `status.sidecars`.
-    subscribers: Subscribers,
+    /// `status.sidecars`: the sidecars of every replica, summed.
+    sidecars: SidecarTotals,
     /// Utilization the sidecars report, for `weighting.source: loadReports`.
     load_reports: LoadReports,
 }
@@ -119,8 +120,11 @@ pub struct Wiring {
     pub pods: reflector::store::Writer<Pod>,
     /// Who is subscribed.
     pub subscribers: Subscribers,
-    /// Policies whose subscriber counts changed, so their status is rewritten.
+    /// Hints that a sidecar's holdings changed, for the sidecar counting task.
     pub sidecar_hints: tokio::sync::mpsc::Receiver<PolicyKey>,
+    /// This replica, when it runs beside others: its sidecar counts are published for
+    /// the leader to add up. `None` counts only this process's sidecars.
+    pub replica: Option<Replica>,
     /// Sidecars' load reports.
     pub load_reports: LoadReports,
 }
@@ -134,30 +138,20 @@ impl Wiring {
             pods: reflector::store::Writer::default(),
             subscribers,
             sidecar_hints,
+            replica: None,
             load_reports: LoadReports::default(),
         }
     }
 }
 
-/// Turns subscriber-count hints into reconcile triggers, at most one per policy a
-/// second, so a thousand sidecars reconnecting cost one status write per policy.
-fn coalesced(
-    hints: tokio::sync::mpsc::Receiver<PolicyKey>,
+/// Policies whose sidecar counts changed, as reconcile triggers (the counting task
+/// already debounces them).
+fn count_triggers(
+    triggers: tokio::sync::mpsc::Receiver<PolicyKey>,
 ) -> impl futures_util::Stream<Item = ObjectRef<BalancerPolicy>> {
-    futures_util::stream::unfold(hints, |mut hints| async move {
-        let first = hints.recv().await?;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let mut keys = HashSet::from([first]);
-        while let Ok(key) = hints.try_recv() {
-            keys.insert(key);
-        }
-        Some((keys, hints))
-    })
-    .flat_map(|keys| {
-        futures_util::stream::iter(
-            keys.into_iter()
-                .map(|(ns, name)| ObjectRef::new(&name).within(&ns)),
-        )
+    futures_util::stream::unfold(triggers, |mut triggers| async move {
+        let (ns, name) = triggers.recv().await?;
+        Some((ObjectRef::new(&name).within(&ns), triggers))
     })
 }
 
@@ -180,11 +174,26 @@ pub async fn run(
         pods: pods_writer,
         subscribers,
         sidecar_hints,
+        replica,
         load_reports,
     } = wiring;
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
     let pods = pods_writer.as_reader();
+    let sidecars = SidecarTotals::default();
+    let (triggers, triggered) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(sidecar_counts::run(
+        client.clone(),
+        replica,
+        pods.clone(),
+        Counting {
+            subscribers,
+            index: index.clone(),
+            hints: sidecar_hints,
+            totals: sidecars.clone(),
+            triggers,
+        },
+    ));
     let (policies, policies_writer) = reflector::store::<BalancerPolicy>();
 
     // Deleted policies leave the index; after a re-list, so do the ones deleted while
@@ -252,7 +261,7 @@ pub async fn run(
         slices,
         pods,
         weights: Mutex::default(),
-        subscribers,
+        sidecars,
         load_reports,
     });
 
@@ -296,7 +305,7 @@ pub async fn run(
         })
         .watches_stream(pod_stream, on_pod)
         .reconcile_all_on(became_leader)
-        .reconcile_on(coalesced(sidecar_hints))
+        .reconcile_on(count_triggers(triggered))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -361,10 +370,7 @@ pub async fn reconcile(
 
     // status
     let current = policy.status.clone().unwrap_or_default();
-    let sidecars = outcome.route.as_ref().map(|(selector, _)| {
-        ctx.subscribers
-            .counts(&key, selector, ctx.index.route_hash(&key))
-    });
+    let sidecars = outcome.route.as_ref().map(|_| ctx.sidecars.get(&key));
     let status = BalancerPolicyStatus {
         observed_generation: policy.metadata.generation,
         conditions: conditions::merge(&current.conditions, outcome.conditions),

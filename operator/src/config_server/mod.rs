@@ -372,7 +372,7 @@ async fn config(
     let (identity, pod) = identify(&req, state).await?;
     let namespace = identity.namespace.as_str();
     let labels = pod.metadata.labels.clone().unwrap_or_default();
-    let _in_flight = state.subscribers.begin(&identity.uid, namespace, &labels);
+    let _in_flight = state.subscribers.begin(&identity.uid);
 
     // Subscribe before reading, so a change between the read and the wait wakes us.
     let mut changes = state.index.subscribe();

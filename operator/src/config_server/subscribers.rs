@@ -7,7 +7,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kube::core::{Selector, SelectorExt};
 use tokio::sync::mpsc;
 use trimtab_api::balancer_policy::SidecarCounts;
 
@@ -19,8 +18,6 @@ pub const CONNECTED_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct Subscriber {
-    namespace: String,
-    labels: BTreeMap<String, String>,
     in_flight: u32,
     last_seen: Instant,
     /// Route hash per policy, as last sent (or confirmed by a matching ETag).
@@ -66,18 +63,15 @@ impl Subscribers {
     }
 
     /// A request from pod `uid` began.
-    pub fn begin(&self, uid: &str, namespace: &str, labels: &BTreeMap<String, String>) -> InFlight {
+    pub fn begin(&self, uid: &str) -> InFlight {
         let mut pods = self.lock();
         let s = pods.entry(uid.to_owned()).or_insert_with(|| Subscriber {
-            namespace: namespace.to_owned(),
-            labels: BTreeMap::new(),
             in_flight: 0,
             last_seen: Instant::now(),
             holds: HashMap::new(),
         });
         s.in_flight += 1;
         s.last_seen = Instant::now();
-        s.labels.clone_from(labels);
         InFlight {
             subscribers: self.clone(),
             uid: uid.to_owned(),
@@ -102,28 +96,31 @@ impl Subscribers {
         }
     }
 
-    /// Sidecars of `key`'s namespace matching `selector` that are connected, and how
-    /// many of them hold the route with `current` hash. Forgets sidecars gone for long.
-    pub fn counts(
+    /// Per policy: the connected sidecars holding it, and how many of them hold the
+    /// route whose hash `current` gives. Forgets sidecars gone for long.
+    ///
+    /// Counted from what each sidecar was sent, not by matching selectors: one pass over
+    /// the sidecars, however many policies there are.
+    pub fn tally(
         &self,
-        key: &PolicyKey,
-        selector: &Selector,
-        current: Option<u64>,
-    ) -> SidecarCounts {
+        current: impl Fn(&PolicyKey) -> Option<u64>,
+    ) -> BTreeMap<PolicyKey, SidecarCounts> {
         let now = Instant::now();
         let mut pods = self.lock();
         pods.retain(|_, s| {
             s.in_flight > 0 || now.duration_since(s.last_seen) < 6 * CONNECTED_GRACE
         });
-        let mut counts = SidecarCounts::default();
-        for s in pods.values().filter(|s| {
-            s.namespace == key.0
-                && (s.in_flight > 0 || now.duration_since(s.last_seen) < CONNECTED_GRACE)
-                && selector.matches(&s.labels)
-        }) {
-            counts.connected += 1;
-            if current.is_some() && s.holds.get(key).copied() == current {
-                counts.up_to_date += 1;
+        let mut counts: BTreeMap<PolicyKey, SidecarCounts> = BTreeMap::new();
+        let connected = pods
+            .values()
+            .filter(|s| s.in_flight > 0 || now.duration_since(s.last_seen) < CONNECTED_GRACE);
+        for s in connected {
+            for (key, held) in &s.holds {
+                let c = counts.entry(key.clone()).or_default();
+                c.connected += 1;
+                if current(key) == Some(*held) {
+                    c.up_to_date += 1;
+                }
             }
         }
         counts
@@ -149,25 +146,27 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn counts_follow_what_each_matching_sidecar_holds() {
+    async fn tally_follows_what_each_connected_sidecar_holds() {
         let (subs, mut hints) = Subscribers::new();
-        let web = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
-        let key: PolicyKey = ("shop".into(), "api".into());
-        let selector = Selector::from_iter([("app".to_owned(), "web".to_owned())]);
+        let api: PolicyKey = ("shop".into(), "api".into());
+        let other: PolicyKey = ("elsewhere".into(), "api".into());
 
-        let a = subs.begin("a", "shop", &web);
-        let _b = subs.begin("b", "shop", &web);
-        let _c = subs.begin("c", "elsewhere", &web);
-        subs.holds("a", &[(key.clone(), 7)]);
-        assert_eq!(hints.try_recv().ok(), Some(key.clone()));
-        let counts = subs.counts(&key, &selector, Some(7));
-        assert_eq!((counts.connected, counts.up_to_date), (2, 1));
+        let a = subs.begin("a");
+        let _b = subs.begin("b");
+        let _c = subs.begin("c");
+        subs.holds("a", &[(api.clone(), 7)]);
+        assert_eq!(hints.try_recv().ok(), Some(api.clone()));
+        subs.holds("b", &[(api.clone(), 6)]);
+        subs.holds("c", &[(other.clone(), 1)]);
+        let tally = subs.tally(|k| (k == &api).then_some(7).or(Some(1)));
+        assert_eq!((tally[&api].connected, tally[&api].up_to_date), (2, 1));
+        assert_eq!((tally[&other].connected, tally[&other].up_to_date), (1, 1));
 
         // A new route: nobody holds it yet.
-        assert_eq!(subs.counts(&key, &selector, Some(8)).up_to_date, 0);
+        assert_eq!(subs.tally(|_| Some(8))[&api].up_to_date, 0);
         // The sidecar between two polls still counts.
         drop(a);
-        assert_eq!(subs.counts(&key, &selector, Some(7)).connected, 2);
+        assert_eq!(subs.tally(|_| Some(7))[&api].connected, 2);
         assert_eq!(subs.connected(), 3);
     }
 }
