@@ -3,7 +3,7 @@
 //! API server on their request path (Linkerd's policy-controller does the same).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashSet, VecDeque},
     hash::{Hash, Hasher},
     sync::{Arc, RwLock},
     time::{SystemTime, UNIX_EPOCH},
@@ -15,6 +15,19 @@ use trimtab_api::sidecar_config::{Route, SidecarConfig};
 
 /// `namespace/name` of a policy.
 pub type PolicyKey = (String, String);
+
+/// How many recent changes [`PolicyIndex::touches`] can look back on; a long poll that
+/// fell further behind recomputes its config.
+const CHANGE_LOG: usize = 4096;
+
+/// One change, as far as the pods it can affect: those of `namespace` matched by the
+/// policy's client selector before or after it.
+#[derive(Clone, Debug)]
+struct Change {
+    version: u64,
+    namespace: String,
+    selectors: Vec<Selector>,
+}
 
 /// One indexed policy.
 #[derive(Clone, Debug)]
@@ -51,6 +64,10 @@ struct State {
     /// UIDs of deleted policies, so that a reconcile still in flight when its policy
     /// was deleted cannot publish it again. Cleared after each re-list.
     deleted: HashSet<String>,
+    /// The most recent changes, oldest first.
+    log: VecDeque<Change>,
+    /// Every change after this version is in `log`.
+    log_floor: u64,
 }
 
 /// Policies by key, with a version that increases on every change and a channel that
@@ -98,6 +115,9 @@ impl PolicyIndex {
             }
             let changed = state.bump();
             let hash = hash_of(&route);
+            let mut selectors = vec![selector.clone()];
+            selectors.extend(state.policies.get(&key).map(|e| e.selector.clone()));
+            state.record(&key.0, selectors);
             state.policies.insert(
                 key,
                 Entry {
@@ -117,10 +137,12 @@ impl PolicyIndex {
     pub fn remove(&self, key: &PolicyKey) {
         let version = {
             let mut state = self.write();
-            if state.policies.remove(key).is_none() {
+            let Some(removed) = state.policies.remove(key) else {
                 return;
-            }
-            state.bump()
+            };
+            state.bump();
+            state.record(&key.0, vec![removed.selector]);
+            state.version
         };
         self.changes.send_replace(version);
     }
@@ -138,12 +160,22 @@ impl PolicyIndex {
             let mut state = self.write();
             state.deleted.clear();
             state.synced = true;
-            let before = state.policies.len();
-            state.policies.retain(|k, _| keep(k));
-            if state.policies.len() == before {
+            let gone: Vec<PolicyKey> = state
+                .policies
+                .keys()
+                .filter(|k| !keep(k))
+                .cloned()
+                .collect();
+            if gone.is_empty() {
                 return;
             }
-            state.bump()
+            state.bump();
+            for key in gone {
+                if let Some(removed) = state.policies.remove(&key) {
+                    state.record(&key.0, vec![removed.selector]);
+                }
+            }
+            state.version
         };
         self.changes.send_replace(version);
     }
@@ -174,6 +206,29 @@ impl PolicyIndex {
                 routes: matched.into_iter().map(|(_, e)| e.route.clone()).collect(),
             },
         }
+    }
+
+    /// Whether a change after version `since` may alter the config of a pod in
+    /// `namespace` with `labels` (always "maybe" once those changes left the log), and
+    /// the current version. Every change wakes every long poll; this lets a woken poll
+    /// skip the full match when the change was for other pods.
+    pub fn touches(
+        &self,
+        since: u64,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> (bool, u64) {
+        let state = self.read();
+        if since < state.log_floor {
+            return (true, state.version);
+        }
+        let touched = state
+            .log
+            .iter()
+            .rev()
+            .take_while(|c| c.version > since)
+            .any(|c| c.namespace == namespace && c.selectors.iter().any(|s| s.matches(labels)));
+        (touched, state.version)
     }
 
     /// The hash of the route `key` currently publishes, if any.
@@ -221,6 +276,20 @@ impl PolicyIndex {
 }
 
 impl State {
+    /// Logs a change at the current version.
+    fn record(&mut self, namespace: &str, selectors: Vec<Selector>) {
+        self.log.push_back(Change {
+            version: self.version,
+            namespace: namespace.to_owned(),
+            selectors,
+        });
+        while self.log.len() > CHANGE_LOG {
+            if let Some(oldest) = self.log.pop_front() {
+                self.log_floor = oldest.version;
+            }
+        }
+    }
+
     fn bump(&mut self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -266,6 +335,53 @@ mod tests {
 
     fn labels(app: &str) -> BTreeMap<String, String> {
         BTreeMap::from([("app".to_owned(), app.to_owned())])
+    }
+
+    #[test]
+    fn touches_only_pods_a_change_can_reach_and_says_maybe_past_the_log() {
+        let index = PolicyIndex::default();
+        let key = |n: &str| ("ns".to_owned(), n.to_owned());
+        let seen = index.config_for("ns", &labels("web")).config.version;
+
+        // Another namespace, another selector: a woken web poll need not recompute.
+        index.upsert(
+            ("other".into(), "a".into()),
+            "u0",
+            selector("web"),
+            route("a", 1, "10.0.0.1:80"),
+        );
+        index.upsert(key("b"), "u1", selector("db"), route("b", 2, "10.0.0.2:80"));
+        let (touched, now) = index.touches(seen, "ns", &labels("web"));
+        assert!(!touched);
+        assert!(index.touches(seen, "ns", &labels("db")).0);
+
+        // Moving b's selector away from web pods touches them (the old selector counts).
+        index.upsert(
+            key("c"),
+            "u2",
+            selector("web"),
+            route("c", 3, "10.0.0.3:80"),
+        );
+        let (touched, after_c) = index.touches(now, "ns", &labels("web"));
+        assert!(touched);
+        index.upsert(key("c"), "u2", selector("db"), route("c", 3, "10.0.0.3:80"));
+        assert!(index.touches(after_c, "ns", &labels("web")).0);
+        index.remove(&key("b"));
+        assert!(index.touches(index.version() - 1, "ns", &labels("db")).0);
+
+        // A poll that fell behind the log cannot know: it recomputes.
+        let behind = index.version();
+        for i in 0..=CHANGE_LOG {
+            let port = u16::try_from(i % 60_000).unwrap_or_default();
+            index.upsert(
+                key("churn"),
+                "u3",
+                selector("db"),
+                route("churn", port, "10.0.0.4:80"),
+            );
+        }
+        assert!(index.touches(behind, "ns", &labels("web")).0);
+        assert!(!index.touches(index.version(), "ns", &labels("web")).0);
     }
 
     #[test]

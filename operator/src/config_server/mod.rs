@@ -378,26 +378,31 @@ async fn config(
     let mut changes = state.index.subscribe();
     changes.borrow_and_update();
     let deadline = tokio::time::Instant::now() + poll.wait;
+    let mut seen = 0;
+    let mut recompute = true;
     loop {
-        let mut current = state.index.config_for(namespace, &labels);
-        if held_etag == Some(current.etag.as_str()) {
-            state.subscribers.holds(&identity.uid, &current.policies);
-        } else if current.policies.is_empty() && held_etag.is_none() {
-            return Err(RequestError::NoPolicy {
-                namespace: identity.namespace,
-                name: identity.name,
-            });
-        } else {
-            if let Some(held) = poll.held {
-                current.config.version = current.config.version.max(held + 1);
+        if recompute {
+            let mut current = state.index.config_for(namespace, &labels);
+            seen = current.config.version;
+            if held_etag == Some(current.etag.as_str()) {
+                state.subscribers.holds(&identity.uid, &current.policies);
+            } else if current.policies.is_empty() && held_etag.is_none() {
+                return Err(RequestError::NoPolicy {
+                    namespace: identity.namespace,
+                    name: identity.name,
+                });
+            } else {
+                if let Some(held) = poll.held {
+                    current.config.version = current.config.version.max(held + 1);
+                }
+                state.subscribers.holds(&identity.uid, &current.policies);
+                let body = serde_json::to_vec(&current.config).unwrap_or_default();
+                let mut response = json_response(StatusCode::OK, body.into());
+                if let Ok(etag) = HeaderValue::from_str(&current.etag) {
+                    response.headers_mut().insert(header::ETAG, etag);
+                }
+                return Ok(response);
             }
-            state.subscribers.holds(&identity.uid, &current.policies);
-            let body = serde_json::to_vec(&current.config).unwrap_or_default();
-            let mut response = json_response(StatusCode::OK, body.into());
-            if let Ok(etag) = HeaderValue::from_str(&current.etag) {
-                response.headers_mut().insert(header::ETAG, etag);
-            }
-            return Ok(response);
         }
         tokio::select! {
             changed = changes.changed() => {
@@ -406,6 +411,12 @@ async fn config(
                 }
             }
             () = tokio::time::sleep_until(deadline) => break,
+        }
+        // Every change wakes every poll; only one that can reach this pod costs a match.
+        let (touched, now) = state.index.touches(seen, namespace, &labels);
+        recompute = touched;
+        if !touched {
+            seen = now;
         }
     }
     let mut response = Response::new(Full::new(Bytes::new()));
