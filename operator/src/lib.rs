@@ -1,6 +1,7 @@
 //! The Trimtab operator: the BalancerPolicy controller that turns policies plus live
-//! pod CPU into endpoint weights, the index the sidecars' config is served from, and
-//! the operator's own admin server.
+//! pod CPU into endpoint weights, the index the sidecars' config is served from, the
+//! sidecar-injection webhook, the TLS Secret both are served with, and the operator's
+//! own admin server.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -14,4 +15,6 @@ pub mod metrics;
 pub mod metrics_source;
 pub mod quantity;
 pub mod sidecar_counts;
+pub mod tls_secret;
+pub mod webhook;
 pub mod weights;

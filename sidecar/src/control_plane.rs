@@ -136,6 +136,12 @@ pub enum ControlPlaneError {
         /// Why.
         reason: String,
     },
+    /// `TRIMTAB_CONTROL_PLANE_CA_PEM` holds no usable certificate.
+    #[error("--control-plane-ca-pem (TRIMTAB_CONTROL_PLANE_CA_PEM): {reason}")]
+    CaPem {
+        /// Why.
+        reason: String,
+    },
     /// The token file could not be read or is not a usable token.
     #[error("--token-file {path}: {reason}")]
     Token {
@@ -200,7 +206,7 @@ impl ControlPlaneError {
     /// The `kind` label of `trimtab_control_plane_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Url { .. } | Self::Ca { .. } => "settings",
+            Self::Url { .. } | Self::Ca { .. } | Self::CaPem { .. } => "settings",
             Self::Token { .. } => "token",
             Self::Transport { kind, .. } => kind,
             Self::Timeout { .. } => "timeout",
@@ -257,6 +263,15 @@ pub fn kept_etag(version: u64) -> String {
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// The CA certificates that may sign the config server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrustAnchors {
+    /// A PEM bundle file (`--control-plane-ca`).
+    File(PathBuf),
+    /// PEM text (`TRIMTAB_CONTROL_PLANE_CA_PEM`, what the injector sets).
+    Pem(String),
+}
+
 /// The client of the operator's config server.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -279,8 +294,25 @@ impl ControlPlane {
         timing: Timing,
         metrics: Metrics,
     ) -> Result<Self, ControlPlaneError> {
+        Self::with_trust_anchors(
+            url,
+            &TrustAnchors::File(ca_file.to_owned()),
+            token_file,
+            timing,
+            metrics,
+        )
+    }
+
+    /// As [`ControlPlane::new`], with the CA certificates from a file or PEM text.
+    pub fn with_trust_anchors(
+        url: &str,
+        anchors: &TrustAnchors,
+        token_file: PathBuf,
+        timing: Timing,
+        metrics: Metrics,
+    ) -> Result<Self, ControlPlaneError> {
         let base = base_url(url)?;
-        let tls = tls_config(ca_file)?;
+        let tls = tls_config(anchors)?;
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(timing.connect_timeout));
         http.set_nodelay(true);
@@ -719,15 +751,22 @@ fn base_url(url: &str) -> Result<String, ControlPlaneError> {
 }
 
 /// The trust anchors for the config server: every certificate in the PEM bundle.
-fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, ControlPlaneError> {
-    let ca_error = |reason: String| ControlPlaneError::Ca {
-        path: ca_file.to_owned(),
-        reason,
+fn tls_config(anchors: &TrustAnchors) -> Result<rustls::ClientConfig, ControlPlaneError> {
+    let ca_error = |reason: String| match anchors {
+        TrustAnchors::File(path) => ControlPlaneError::Ca {
+            path: path.clone(),
+            reason,
+        },
+        TrustAnchors::Pem(_) => ControlPlaneError::CaPem { reason },
     };
     let mut roots = RootCertStore::empty();
-    let certificates = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| ca_error(format!("cannot read: {e}")))?;
-    for (i, certificate) in certificates.enumerate() {
+    let certificates: Vec<_> = match anchors {
+        TrustAnchors::File(path) => CertificateDer::pem_file_iter(path)
+            .map_err(|e| ca_error(format!("cannot read: {e}")))?
+            .collect(),
+        TrustAnchors::Pem(text) => CertificateDer::pem_slice_iter(text.as_bytes()).collect(),
+    };
+    for (i, certificate) in certificates.into_iter().enumerate() {
         let certificate =
             certificate.map_err(|e| ca_error(format!("certificate {}: {e}", i + 1)))?;
         roots.add(certificate).map_err(|e| {
@@ -868,14 +907,27 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("ca.crt");
         std::fs::write(&file, "not a certificate\n").expect("written");
-        let err = tls_config(&file).expect_err("no certificate");
+        let err = tls_config(&TrustAnchors::File(file.clone())).expect_err("no certificate");
         assert!(
             err.to_string().starts_with("--control-plane-ca ")
                 && err.to_string().contains("holds no PEM certificate"),
             "{err}"
         );
-        let err = tls_config(&dir.path().join("missing.crt")).expect_err("missing");
+        let err =
+            tls_config(&TrustAnchors::File(dir.path().join("missing.crt"))).expect_err("missing");
         assert!(err.to_string().contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_given_as_pem_text_is_read_and_an_empty_one_refused_naming_the_variable() {
+        let made = rcgen::generate_simple_self_signed(vec!["op".to_owned()]).expect("cert");
+        assert!(tls_config(&TrustAnchors::Pem(made.cert.pem())).is_ok());
+        let err = tls_config(&TrustAnchors::Pem("not pem".into())).expect_err("no certificate");
+        assert!(
+            err.to_string()
+                .starts_with("--control-plane-ca-pem (TRIMTAB_CONTROL_PLANE_CA_PEM): holds no PEM"),
+            "{err}"
+        );
     }
 
     #[test]

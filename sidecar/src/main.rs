@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use trimtab_sidecar::{
     admin, config_source,
-    control_plane::{ControlPlane, Timing},
+    control_plane::{ControlPlane, Timing, TrustAnchors},
     metrics::Metrics,
     settings::{Cli, LogFormat, Settings},
     sidecar::{Options, Sidecar},
@@ -60,9 +60,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     // A URL or CA bundle that can never work is a settings error: refuse it before
     // serving anything.
     let control_plane = match &settings.control_plane {
-        Some(url) => Some(Arc::new(ControlPlane::new(
+        Some(url) => Some(Arc::new(ControlPlane::with_trust_anchors(
             url,
-            &settings.control_plane_ca,
+            &match &settings.control_plane_ca_pem {
+                Some(pem) => TrustAnchors::Pem(pem.clone()),
+                None => TrustAnchors::File(settings.control_plane_ca.clone()),
+            },
             settings.token_file.clone(),
             Timing::default(),
             sidecar.shared().metrics.clone(),

@@ -52,6 +52,16 @@ pub struct Cli {
     /// [default: /var/run/secrets/trimtab/ca.crt].
     #[arg(long, env = "TRIMTAB_CONTROL_PLANE_CA")]
     pub control_plane_ca: Option<PathBuf>,
+    /// The same CA bundle as PEM text instead of a file (the injector sets it, so no
+    /// Secret or ConfigMap has to be copied into every namespace). Excludes
+    /// --control-plane-ca.
+    #[arg(
+        long,
+        env = "TRIMTAB_CONTROL_PLANE_CA_PEM",
+        hide_env_values = true,
+        allow_hyphen_values = true
+    )]
+    pub control_plane_ca_pem: Option<String>,
     /// The projected service-account token (audience `trimtab`) sent to the config
     /// server; re-read on every request, as the kubelet rotates it
     /// [default: /var/run/secrets/trimtab/token].
@@ -102,6 +112,9 @@ pub struct Settings {
     pub control_plane: Option<String>,
     /// CA bundle for the config server's certificate.
     pub control_plane_ca: PathBuf,
+    /// The CA bundle as PEM text; when set, used instead of `control_plane_ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_ca_pem: Option<String>,
     /// The token file sent to the config server.
     pub token_file: PathBuf,
     /// State directory.
@@ -132,6 +145,7 @@ impl Default for Settings {
             policies: Vec::new(),
             control_plane: None,
             control_plane_ca: PathBuf::from(DEFAULT_CONTROL_PLANE_CA),
+            control_plane_ca_pem: None,
             token_file: PathBuf::from(DEFAULT_TOKEN_FILE),
             state_dir: None,
             admin_port: 15020,
@@ -155,6 +169,7 @@ pub struct FileSettings {
     pub policies: Option<Vec<PathBuf>>,
     pub control_plane: Option<String>,
     pub control_plane_ca: Option<PathBuf>,
+    pub control_plane_ca_pem: Option<String>,
     pub token_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub admin_port: Option<u16>,
@@ -197,6 +212,14 @@ pub enum SettingsError {
         /// The control-plane URL.
         control_plane: String,
     },
+    /// The CA given twice: which one the sidecar trusts would be unclear.
+    #[error(
+        "--control-plane-ca ({path}) and --control-plane-ca-pem (TRIMTAB_CONTROL_PLANE_CA_PEM) are mutually exclusive: give the CA bundle as a file or as PEM text, not both"
+    )]
+    TwoCas {
+        /// The CA file given.
+        path: String,
+    },
 }
 
 impl Settings {
@@ -220,6 +243,11 @@ impl Settings {
                 .clone()
                 .or(file.control_plane_ca)
                 .unwrap_or(d.control_plane_ca),
+            control_plane_ca_pem: cli
+                .control_plane_ca_pem
+                .clone()
+                .or(file.control_plane_ca_pem)
+                .or(d.control_plane_ca_pem),
             token_file: cli
                 .token_file
                 .clone()
@@ -275,6 +303,17 @@ impl Settings {
                 })?
             }
         };
+        // Checked before layering, which fills in the default CA path.
+        let explicit_ca = cli
+            .control_plane_ca
+            .clone()
+            .or(file.control_plane_ca.clone());
+        let pem = cli.control_plane_ca_pem.is_some() || file.control_plane_ca_pem.is_some();
+        if let (Some(path), true) = (explicit_ca, pem) {
+            return Err(SettingsError::TwoCas {
+                path: path.display().to_string(),
+            });
+        }
         let settings = Self::layered(file, cli);
         settings.check()?;
         Ok(settings)
@@ -362,6 +401,24 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "--policy (a.yaml) and --control-plane (https://op:8443) are mutually exclusive: serve static policy files or the operator's config, not both"
+        );
+    }
+
+    #[test]
+    fn the_ca_comes_from_a_file_or_pem_text_never_both() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let s = Settings::load(&cli(&["--control-plane-ca-pem", pem])).expect("pem alone");
+        assert_eq!(s.control_plane_ca_pem.as_deref(), Some(pem));
+        let err = Settings::load(&cli(&[
+            "--control-plane-ca",
+            "/etc/ca.crt",
+            "--control-plane-ca-pem",
+            pem,
+        ]))
+        .expect_err("both");
+        assert_eq!(
+            err.to_string(),
+            "--control-plane-ca (/etc/ca.crt) and --control-plane-ca-pem (TRIMTAB_CONTROL_PLANE_CA_PEM) are mutually exclusive: give the CA bundle as a file or as PEM text, not both"
         );
     }
 

@@ -251,7 +251,18 @@ const CASES: &[Case] = &[
         name: "defaults",
         set: &[],
         check: |objects| {
-            assert!(find(objects, "MutatingWebhookConfiguration").is_empty());
+            // Injection is on by default: the operator serves /mutate-pods.
+            let webhook = only(objects, "MutatingWebhookConfiguration");
+            assert_eq!(webhook["metadata"]["name"], WEBHOOK);
+            assert!(
+                webhook["webhooks"]
+                    .as_array()
+                    .expect("webhooks")
+                    .iter()
+                    .all(|h| h["failurePolicy"] == "Fail"
+                        && h["clientConfig"].get("caBundle").is_none()),
+                "{webhook}"
+            );
             assert!(find(objects, "Certificate").is_empty());
             assert!(find(objects, "ServiceMonitor").is_empty());
             assert!(find(objects, "ConfigMap").is_empty());
@@ -267,6 +278,25 @@ const CASES: &[Case] = &[
             assert!(
                 !env.to_string().contains("TRIMTAB_TLS_CERT_FILE"),
                 "and no certificate files: {env}"
+            );
+            let value = |name: &str| {
+                env.as_array()
+                    .expect("env")
+                    .iter()
+                    .find(|e| e["name"] == name)
+                    .map(|e| e["value"].clone())
+            };
+            assert_eq!(value("TRIMTAB_WEBHOOK_CONFIGURATION"), Some(json!(WEBHOOK)));
+            assert_eq!(value("TRIMTAB_SERVICE_NAME"), Some(json!(OPERATOR)));
+            assert_eq!(
+                value("TRIMTAB_CLUSTER_DOMAIN"),
+                Some(json!("cluster.local"))
+            );
+            assert_eq!(
+                value("TRIMTAB_SIDECAR_RESOURCES"),
+                Some(json!(
+                    r#"{"limits":{"memory":"256Mi"},"requests":{"cpu":"50m","memory":"64Mi"}}"#
+                ))
             );
         },
     },
@@ -284,6 +314,10 @@ const CASES: &[Case] = &[
                 "{env}"
             );
             assert!(!env.contains("TRIMTAB_TLS_SECRET"), "{env}");
+            assert!(
+                env.contains("TRIMTAB_TLS_CA_FILE"),
+                "sidecars get cert-manager's CA: {env}"
+            );
             assert_eq!(pod["volumes"][0]["secret"]["secretName"], TLS_SECRET);
             assert!(
                 certificate["spec"]["dnsNames"]
@@ -738,9 +772,18 @@ async fn helm_install_and_upgrade_create_the_objects_and_leave_the_operators_ca_
         .await
         .expect("RoleBinding");
     let webhooks = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let webhook = webhooks
+        .get_opt(WEBHOOK)
+        .await
+        .expect("read")
+        .expect("injection is on by default");
     assert!(
-        webhooks.get_opt(WEBHOOK).await.expect("read").is_none(),
-        "injection is off by default"
+        webhook
+            .webhooks
+            .unwrap_or_default()
+            .iter()
+            .all(|h| h.failure_policy.as_deref() == Some("Fail")),
+        "and refuses opted-in pods while the operator is unreachable"
     );
 
     // The operator's pod passes the `restricted` Pod Security Standard, enforced by the
@@ -992,15 +1035,33 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         controller: "trimtab-operator".into(),
         instance: Some("operator-0".into()),
     };
+    let mut wiring = Wiring::new(PolicyIndex::default());
+    wiring.replica = Some(trimtab_operator::sidecar_counts::Replica {
+        namespace: NS.into(),
+        name: "operator-0".into(),
+    });
     let controller = tokio::spawn(balancer_policy::run(
         operator.clone(),
-        Wiring::new(PolicyIndex::default()),
+        wiring,
         Metrics::register(&prometheus::Registry::new())
             .expect("metrics")
             .controller("balancerpolicy"),
         reporter.clone(),
         Leadership::always(),
     ));
+    let config_maps = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(admin.clone(), NS);
+    wait_until(
+        "the replica publishes its sidecar counts (and watches the others')",
+        async || {
+            config_maps
+                .get_opt("trimtab-sidecars-operator-0")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
+    .await;
     let policies = Api::<BalancerPolicy>::namespaced(admin.clone(), shop);
     wait_until(
         "the operator writes the policy's status with both endpoints",
@@ -1160,6 +1221,8 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
             "leases.coordination.k8s.io/trimtab-operator",
             Some(NS),
         ),
+        ("watch", "configmaps", Some(NS)),
+        ("patch", "configmaps/trimtab-sidecars-operator-1", Some(NS)),
     ] {
         assert!(
             operator_can(&cluster, verb, resource, namespace),
@@ -1186,6 +1249,8 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         ("delete", "secrets/trimtab-operator-tls", Some(NS)),
         ("list", "secrets", None),
         ("get", "configmaps", Some(NS)),
+        ("delete", "configmaps", Some(NS)),
+        ("list", "configmaps", Some(shop)),
         ("create", "jobs.batch", Some(shop)),
         ("get", "leases.coordination.k8s.io/someone-else", Some(NS)),
         ("create", "leases.coordination.k8s.io", Some(shop)),
@@ -1362,6 +1427,37 @@ async fn operator_binary_runs_with_the_charts_environment_under_its_rbac() {
             .and_then(|s| s.holder_identity)
             .as_deref()
             == Some(pod_name)
+    })
+    .await;
+
+    // It creates its TLS Secret (its own CA) and, as leader, writes that CA into the
+    // webhook's caBundle: both under the chart's RBAC.
+    let secrets = Api::<Secret>::namespaced(admin.clone(), NS);
+    let mut ca = Vec::new();
+    wait_until("the operator creates its TLS Secret", async || {
+        ca = secrets
+            .get_opt(TLS_SECRET)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.data)
+            .and_then(|d| d.get("ca.crt").map(|b| b.0.clone()))
+            .unwrap_or_default();
+        !ca.is_empty()
+    })
+    .await;
+    let webhooks = Api::<MutatingWebhookConfiguration>::all(admin.clone());
+    wait_until("the operator writes the webhook's caBundle", async || {
+        webhooks
+            .get(WEBHOOK)
+            .await
+            .ok()
+            .and_then(|w| w.webhooks)
+            .is_some_and(|hooks| {
+                hooks
+                    .iter()
+                    .all(|h| h.client_config.ca_bundle.as_ref().map(|b| &b.0) == Some(&ca))
+            })
     })
     .await;
 

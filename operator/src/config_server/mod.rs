@@ -1,4 +1,6 @@
-//! The config server the sidecars long-poll (protocol: `docs/config-server.md`).
+//! The config server the sidecars long-poll (protocol: `docs/config-server.md`), and on
+//! the same HTTPS port the sidecar-injection webhook (`POST /mutate-pods`, see
+//! [`crate::webhook`]).
 //!
 //! Answers come from the in-memory [`PolicyIndex`] and the Pod reflector store, never
 //! from the API server on the request path; the only API call is a TokenReview when a
@@ -41,13 +43,16 @@ use self::{
     auth::{AuthError, Authenticator, PodIdentity},
     subscribers::Subscribers,
 };
-use crate::{index::PolicyIndex, load_reports::LoadReports};
+use crate::{index::PolicyIndex, load_reports::LoadReports, webhook::Injector};
 
 /// The default and the longest long-poll.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_WAIT_SECONDS: u64 = 60;
 /// The largest load report accepted.
 const MAX_REPORT_BYTES: usize = 1 << 20;
+/// The largest AdmissionReview accepted: a pod is at most ~1.5 MiB (etcd's object limit),
+/// and the review carries it once for a creation.
+const MAX_REVIEW_BYTES: usize = 4 << 20;
 /// How often the connected-sidecars gauge is refreshed.
 const SUBSCRIBER_GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// How long a TLS handshake may take before the connection is dropped.
@@ -70,6 +75,9 @@ pub struct ServerState {
     pub subscribers: Subscribers,
     /// Request counters.
     pub metrics: ServerMetrics,
+    /// The sidecar injector; `None` when this operator does not inject (no sidecar image
+    /// configured), and `/mutate-pods` answers 404.
+    pub injector: Option<Injector>,
 }
 
 /// The config server's own metrics.
@@ -135,13 +143,23 @@ pub enum RequestError {
         message: String,
     },
     /// A body over the limit.
-    #[error("body larger than {MAX_REPORT_BYTES} bytes")]
-    TooLarge,
+    #[error("body larger than {limit} bytes")]
+    TooLarge {
+        /// The limit of this endpoint.
+        limit: usize,
+    },
+    /// `/mutate-pods` on an operator that has no sidecar to inject.
+    #[error(
+        "sidecar injection is not enabled on this operator (set --sidecar-image / TRIMTAB_SIDECAR_IMAGE)"
+    )]
+    InjectionDisabled,
     /// The operator has not listed policies and pods yet.
     #[error("the operator is starting: policies and pods are not listed yet")]
     Starting,
     /// An unknown path.
-    #[error("no such endpoint; this server has GET /v1/config and POST /v1/load-reports")]
+    #[error(
+        "no such endpoint; this server has GET /v1/config, POST /v1/load-reports and POST /mutate-pods"
+    )]
     NotFound,
     /// A known path with the wrong method.
     #[error("method not allowed; use {allow}")]
@@ -157,7 +175,8 @@ impl RequestError {
             Self::Auth(e) => StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN),
             Self::NoPolicy { .. } | Self::NotGiven { .. } => StatusCode::FORBIDDEN,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InjectionDisabled => StatusCode::NOT_FOUND,
             Self::Starting => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -254,8 +273,9 @@ async fn handle(req: Request<Incoming>, state: &ServerState) -> Response<Full<By
     let result = match (req.method(), path.as_str()) {
         (&Method::GET, "/v1/config") => config(req, state).await,
         (&Method::POST, "/v1/load-reports") => load_report(req, state).await,
+        (&Method::POST, "/mutate-pods") => mutate_pods(req, state).await,
         (_, "/v1/config") => Err(RequestError::Method { allow: "GET" }),
-        (_, "/v1/load-reports") => Err(RequestError::Method { allow: "POST" }),
+        (_, "/v1/load-reports" | "/mutate-pods") => Err(RequestError::Method { allow: "POST" }),
         _ => Err(RequestError::NotFound),
     };
     let response = result.unwrap_or_else(|e| {
@@ -267,7 +287,7 @@ async fn handle(req: Request<Incoming>, state: &ServerState) -> Response<Full<By
         e.into_response()
     });
     let label = match path.as_str() {
-        "/v1/config" | "/v1/load-reports" => path.as_str(),
+        "/v1/config" | "/v1/load-reports" | "/mutate-pods" => path.as_str(),
         _ => "other",
     };
     state
@@ -435,7 +455,9 @@ async fn load_report(
     let body = Limited::new(req.into_body(), MAX_REPORT_BYTES)
         .collect()
         .await
-        .map_err(|_| RequestError::TooLarge)?
+        .map_err(|_| RequestError::TooLarge {
+            limit: MAX_REPORT_BYTES,
+        })?
         .to_bytes();
     let report: LoadReport =
         serde_json::from_slice(&body).map_err(|e| RequestError::BadRequest {
@@ -475,6 +497,36 @@ async fn load_report(
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
+}
+
+/// The injection webhook: the API server is the client (authenticated by TLS: only it
+/// has the caBundle; the answer only ever adds the sidecar the pod asked for).
+async fn mutate_pods(
+    req: Request<Incoming>,
+    state: &ServerState,
+) -> Result<Response<Full<Bytes>>, RequestError> {
+    let injector = state
+        .injector
+        .as_ref()
+        .ok_or(RequestError::InjectionDisabled)?;
+    let body = Limited::new(req.into_body(), MAX_REVIEW_BYTES)
+        .collect()
+        .await
+        .map_err(|_| RequestError::TooLarge {
+            limit: MAX_REVIEW_BYTES,
+        })?
+        .to_bytes();
+    let review = injector
+        .review(&body)
+        .map_err(|e| RequestError::BadRequest {
+            field: "body".into(),
+            message: e.to_string(),
+        })?;
+    let body = serde_json::to_vec(&review).map_err(|e| RequestError::BadRequest {
+        field: "response".into(),
+        message: e.to_string(),
+    })?;
+    Ok(json_response(StatusCode::OK, body.into()))
 }
 
 #[cfg(test)]

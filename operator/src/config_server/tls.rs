@@ -1,6 +1,8 @@
-//! The config server's serving certificate: from files that cert-manager (or the
-//! operator's own certificate Secret) keeps renewed, re-read when they change so a
-//! rotation needs no restart; or, for a local run, a self-signed one made at start.
+//! The config server's serving certificate (also the webhook's: same port): from files
+//! that cert-manager keeps renewed, re-read when they change; from PEM the operator's
+//! own TLS Secret holds (`crate::tls_secret`), swapped in through [`CertSwap`] when the
+//! Secret changes; or, for a local run, a self-signed one made at start. A rotation
+//! never needs a restart.
 
 use std::{
     path::{Path, PathBuf},
@@ -37,6 +39,14 @@ pub enum TlsError {
     /// A self-signed certificate could not be made.
     #[error("self-signed certificate: {0}")]
     SelfSigned(#[from] rcgen::Error),
+    /// PEM text that holds no usable certificate or key.
+    #[error("PEM {what}: {message}")]
+    Pem {
+        /// `certificate` or `key`.
+        what: String,
+        /// What is wrong.
+        message: String,
+    },
     /// rustls refused the protocol setup.
     #[error("TLS setup: {0}")]
     Setup(rustls::Error),
@@ -54,6 +64,13 @@ pub enum CertSource {
     },
     /// A self-signed certificate for these DNS names and IP addresses.
     SelfSigned(Vec<String>),
+    /// PEM text held in memory; later versions arrive through [`Tls::swap`].
+    Pem {
+        /// Certificate chain, leaf first.
+        chain: String,
+        /// The leaf's private key.
+        key: String,
+    },
 }
 
 /// A server config, and the PEM of the certificate when it was made here (clients
@@ -64,6 +81,35 @@ pub struct Tls {
     pub config: Arc<ServerConfig>,
     /// The self-signed certificate, when [`CertSource::SelfSigned`].
     pub self_signed_pem: Option<String>,
+    /// Replaces the certificate being served.
+    pub swap: CertSwap,
+}
+
+/// A handle that replaces the certificate a server config presents, for the next
+/// handshakes; open connections keep theirs.
+#[derive(Clone, Debug)]
+pub struct CertSwap {
+    resolver: Arc<Resolver>,
+    provider: Arc<CryptoProvider>,
+    current: Arc<std::sync::Mutex<(String, String)>>,
+}
+
+impl CertSwap {
+    /// Serves `chain` with `key` (PEM) from now on; `Ok(false)` when they are the ones
+    /// already served. A pair that does not load leaves the current one serving.
+    pub fn replace(&self, chain: &str, key: &str) -> Result<bool, TlsError> {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 == chain && current.1 == key {
+            return Ok(false);
+        }
+        let certified = from_pem(&self.provider, chain, key)?;
+        self.resolver.0.store(Arc::new(certified));
+        *current = (chain.to_owned(), key.to_owned());
+        Ok(true)
+    }
 }
 
 /// Builds the server config; with files, starts the task that picks up renewals.
@@ -81,8 +127,10 @@ pub fn server_config(source: &CertSource) -> Result<Tls, TlsError> {
                 CertifiedKey::from_der(vec![cert], key, &provider).map_err(TlsError::Key)?;
             (certified, Some(made.cert.pem()))
         }
+        CertSource::Pem { chain, key } => (from_pem(&provider, chain, key)?, None),
     };
     let resolver = Arc::new(Resolver(ArcSwap::from_pointee(key)));
+    let (swap_resolver, swap_provider) = (Arc::clone(&resolver), Arc::clone(&provider));
     if let CertSource::Files { cert, key } = source {
         tokio::spawn(reload(
             Arc::clone(&resolver),
@@ -97,10 +145,40 @@ pub fn server_config(source: &CertSource) -> Result<Tls, TlsError> {
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let served = match source {
+        CertSource::Pem { chain, key } => (chain.clone(), key.clone()),
+        _ => Default::default(),
+    };
     Ok(Tls {
         config: Arc::new(config),
         self_signed_pem,
+        swap: CertSwap {
+            resolver: swap_resolver,
+            provider: swap_provider,
+            current: Arc::new(std::sync::Mutex::new(served)),
+        },
     })
+}
+
+/// A certified key from PEM text.
+fn from_pem(
+    provider: &Arc<CryptoProvider>,
+    chain: &str,
+    key: &str,
+) -> Result<CertifiedKey, TlsError> {
+    let pem_error = |what: &str, message: String| TlsError::Pem {
+        what: what.to_owned(),
+        message,
+    };
+    let certificates = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error("certificate", e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(pem_error("certificate", "no CERTIFICATE block".into()));
+    }
+    let private = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|e| pem_error("key", e.to_string()))?;
+    CertifiedKey::from_der(certificates, private, provider).map_err(TlsError::Key)
 }
 
 fn load(provider: &Arc<CryptoProvider>, cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
@@ -194,5 +272,35 @@ mod tests {
         let tls = server_config(&CertSource::Files { cert, key }).expect("loads");
         assert!(tls.self_signed_pem.is_none());
         assert_eq!(tls.config.alpn_protocols[0], b"h2");
+    }
+
+    #[tokio::test]
+    async fn a_swapped_certificate_is_served_and_a_broken_one_refused() {
+        let pair = |name: &str| {
+            let made = rcgen::generate_simple_self_signed(vec![name.to_owned()]).expect("cert");
+            (made.cert.pem(), made.signing_key.serialize_pem())
+        };
+        let (chain, key) = pair("first");
+        let tls = server_config(&CertSource::Pem {
+            chain: chain.clone(),
+            key: key.clone(),
+        })
+        .expect("loads");
+        assert!(
+            !tls.swap.replace(&chain, &key).expect("same pair"),
+            "unchanged"
+        );
+        let (chain2, key2) = pair("second");
+        assert!(tls.swap.replace(&chain2, &key2).expect("new pair"));
+        let served = tls.swap.resolver.0.load_full();
+        assert_eq!(
+            served.cert[0].as_ref(),
+            CertificateDer::from_pem_slice(chain2.as_bytes())
+                .expect("pem")
+                .as_ref()
+        );
+        let error = tls.swap.replace("not pem", &key2).expect_err("broken");
+        assert!(error.to_string().starts_with("PEM certificate"), "{error}");
+        assert!(Arc::ptr_eq(&served, &tls.swap.resolver.0.load_full()));
     }
 }
