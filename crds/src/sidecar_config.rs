@@ -461,6 +461,11 @@ pub fn is_host_port(s: &str) -> bool {
         && bytes[bytes.len() - 1].is_ascii_alphanumeric()
 }
 
+/// The `reason` in the config server's 403 body (`{"error": …, "reason": "NoPolicy"}`)
+/// for an authenticated pod that no policy selects: the sidecar serves no routes and is
+/// ready, instead of treating it as an outage of the control plane.
+pub const NO_POLICY_REASON: &str = "NoPolicy";
+
 /// What a sidecar reports back to the config server (`POST /v1/load-reports`) for the
 /// `loadReports` weighting source: per endpoint, the utilization its backends reported
 /// in ORCA `endpoint-load-metrics` headers over the last window. The namespace is the

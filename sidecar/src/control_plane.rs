@@ -48,7 +48,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use trimtab_api::{
     balancer_policy::MetricsSource,
-    sidecar_config::{EndpointLoad, LoadReport, SidecarConfig},
+    sidecar_config::{EndpointLoad, LoadReport, NO_POLICY_REASON, SidecarConfig},
 };
 
 use crate::{
@@ -177,6 +177,8 @@ pub enum ControlPlaneError {
         status: StatusCode,
         /// The server's `{"error": …}` (or the start of its body).
         message: String,
+        /// The server's machine-readable `reason`, when it gave one.
+        reason: Option<String>,
         /// How long the server asked us to wait (`Retry-After`).
         retry_after: Option<Duration>,
     },
@@ -219,6 +221,13 @@ impl ControlPlaneError {
             Self::Malformed { .. } => "malformed",
             Self::Protocol { .. } => "protocol",
         }
+    }
+
+    /// Whether the config server knows this pod and has no policy for it: not a
+    /// failure of the control plane, but an authoritative empty config.
+    pub fn is_no_policy(&self) -> bool {
+        matches!(self, Self::Refused { status, reason, .. }
+            if *status == StatusCode::FORBIDDEN && reason.as_deref() == Some(NO_POLICY_REASON))
     }
 
     /// The wait the server asked for, if it did.
@@ -356,6 +365,11 @@ impl ControlPlane {
                 self.metrics.control_plane_connected.set(1);
                 self.take(sidecar, &mut following, fetched).await;
             }
+            Err(e) if e.is_no_policy() => {
+                self.metrics.control_plane_connected.set(1);
+                self.serve_no_routes(sidecar, &e).await;
+                following.failures = 1;
+            }
             Err(e) => {
                 self.metrics.control_plane_connected.set(0);
                 self.count(&e);
@@ -435,6 +449,14 @@ impl ControlPlane {
                         following.failures = 1;
                     }
                 }
+                Err(e) if e.is_no_policy() => {
+                    // Asked again after the usual backoff (up to its cap): a policy
+                    // created for this pod later arrives within that.
+                    self.metrics.control_plane_connected.set(1);
+                    self.serve_no_routes(&sidecar, &e).await;
+                    following.failures = following.failures.saturating_add(1);
+                    following.retry_after = None;
+                }
                 Err(e) => {
                     self.metrics.control_plane_connected.set(0);
                     self.count(&e);
@@ -443,6 +465,29 @@ impl ControlPlane {
                     following.retry_after = e.retry_after();
                 }
             }
+        }
+    }
+
+    /// The control plane has no policy for this pod: serve none (and be ready: a pod
+    /// that asked for the sidecar but matches no policy yet must still start).
+    async fn serve_no_routes(&self, sidecar: &Sidecar, e: &ControlPlaneError) {
+        let snapshot = sidecar.shared().snapshot();
+        if snapshot
+            .config
+            .as_ref()
+            .is_some_and(|c| c.routes.is_empty())
+        {
+            return;
+        }
+        let empty = SidecarConfig {
+            version: sidecar.version(),
+            routes: Vec::new(),
+        };
+        match sidecar.apply(empty).await {
+            Ok(()) => {
+                tracing::info!(reason = %e, "no policy selects this pod; serving no routes until one does")
+            }
+            Err(e) => tracing::error!(error = %e, "could not withdraw the routes"),
         }
     }
 
@@ -845,21 +890,27 @@ async fn refusal(request: &str, response: Response<Incoming>) -> ControlPlaneErr
     #[derive(Deserialize)]
     struct Refusal {
         error: String,
+        #[serde(default)]
+        reason: Option<String>,
     }
     let status = response.status();
     let retry_after = retry_after(response.headers());
     let body = read_body(response, MAX_ERROR_BYTES)
         .await
         .unwrap_or_default();
-    let message = match serde_json::from_slice::<Refusal>(&body) {
-        Ok(refusal) => refusal.error,
-        Err(_) if body.is_empty() => "(no body)".to_owned(),
-        Err(_) => String::from_utf8_lossy(&body).chars().take(200).collect(),
+    let (message, reason) = match serde_json::from_slice::<Refusal>(&body) {
+        Ok(refusal) => (refusal.error, refusal.reason),
+        Err(_) if body.is_empty() => ("(no body)".to_owned(), None),
+        Err(_) => (
+            String::from_utf8_lossy(&body).chars().take(200).collect(),
+            None,
+        ),
     };
     ControlPlaneError::Refused {
         request: request.to_owned(),
         status,
         message,
+        reason,
         retry_after,
     }
 }
@@ -941,6 +992,7 @@ mod tests {
             request: "GET x".into(),
             status,
             message: String::new(),
+            reason: None,
             retry_after: None,
         };
         assert_eq!(refused(StatusCode::UNAUTHORIZED).kind(), "unauthorized");

@@ -320,9 +320,14 @@ async fn answer(
                 let (etag, body) = {
                     let s = state.lock().unwrap();
                     if s.config.is_none() && s.raw_body.is_none() {
-                        return Ok(refusal(
+                        // As the operator answers a pod no policy selects.
+                        return Ok(json(
                             StatusCode::FORBIDDEN,
-                            "pod test/client matches no BalancerPolicy",
+                            serde_json::json!({
+                                "error": "pod test/client matches no BalancerPolicy",
+                                "reason": "NoPolicy",
+                            })
+                            .to_string(),
                         ));
                     }
                     let body = s
@@ -522,6 +527,29 @@ async fn first_config_arrives_and_traffic_flows_to_its_endpoints() {
     // Kept for a fail-static restart.
     let kept = StateDir::new(state).load().unwrap().unwrap();
     assert_eq!(kept.version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_no_policy_selects_is_ready_with_no_routes_and_takes_a_later_policy() {
+    let a = backend("a").await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let stub = Stub::start(dir.path(), None).await;
+    let f = follow(&stub, &token_file(dir.path(), "t"), None).await;
+
+    // An injected pod whose namespace has no policy for it yet must still start.
+    assert!(f.sidecar.shared().is_ready(), "ready with no routes");
+    assert!(f.sidecar.shared().snapshot().routes.is_empty());
+    assert_eq!(f.errors("forbidden"), 0, "not a control-plane failure");
+    assert_eq!(f.metric(|m| m.control_plane_connected.get() as u64), 1);
+
+    stub.publish(config(
+        5,
+        vec![route("r", port, Algorithm::RoundRobin, &[&a])],
+    ));
+    wait_for_version(&f.sidecar, 5, Duration::from_secs(10)).await;
+    let (status, backend, _) = get(&client(), port, "/").await;
+    assert_eq!((status, backend.as_str()), (200, "a"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use trimtab_api::sidecar_config::LoadReport;
+use trimtab_api::sidecar_config::{LoadReport, NO_POLICY_REASON};
 
 use self::{
     auth::{AuthError, Authenticator, PodIdentity},
@@ -185,7 +185,11 @@ impl RequestError {
 
     fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.status();
-        let body = serde_json::json!({ "error": self.to_string() }).to_string();
+        let mut body = serde_json::json!({ "error": self.to_string() });
+        if let Self::NoPolicy { .. } = self {
+            body["reason"] = NO_POLICY_REASON.into();
+        }
+        let body = body.to_string();
         let mut response = json_response(status, body.into());
         let headers = response.headers_mut();
         match &self {
