@@ -304,8 +304,19 @@ const CASES: &[Case] = &[
         name: "cert-manager with its own self-signed issuer",
         set: &["certManager.enabled=true"],
         check: |objects| {
-            let certificate = only(objects, "Certificate");
+            let certificates = find(objects, "Certificate");
+            let [ca, certificate] = certificates.as_slice() else {
+                panic!("a CA and a serving Certificate: {certificates:?}");
+            };
             assert_eq!(certificate["spec"]["secretName"], TLS_SECRET);
+            // The serving certificate comes from the chart's CA, so renewing it keeps
+            // the ca.crt that injected sidecars carry.
+            assert_eq!(ca["spec"]["isCA"], true);
+            assert_eq!(ca["spec"]["privateKey"]["rotationPolicy"], "Never");
+            assert_eq!(
+                certificate["spec"]["issuerRef"]["name"],
+                "trimtab-operator-ca"
+            );
             // The operator reads cert-manager's Secret as files (--tls-cert-file/-key-file).
             let pod = &only(objects, "Deployment")["spec"]["template"]["spec"];
             let env = pod["containers"][0]["env"].to_string();
@@ -325,7 +336,17 @@ const CASES: &[Case] = &[
                     .expect("dnsNames")
                     .contains(&json!("trimtab-operator.trimtab-system.svc"))
             );
-            assert_eq!(only(objects, "Issuer")["spec"], json!({"selfSigned": {}}));
+            let issuers: Vec<&Value> = find(objects, "Issuer")
+                .into_iter()
+                .map(|i| &i["spec"])
+                .collect();
+            assert_eq!(
+                issuers,
+                [
+                    &json!({"selfSigned": {}}),
+                    &json!({"ca": {"secretName": "trimtab-operator-ca"}})
+                ]
+            );
             let role = only(objects, "Role");
             assert!(
                 !role.to_string().contains("secrets"),
