@@ -490,12 +490,21 @@ async fn sidecars_get_exactly_their_policies_and_wrong_tokens_get_401_or_403() {
     assert!(error.contains("not bound to a pod"), "{error}");
 
     let lonely_token = token(&client, Some(&lonely), "trimtab").await;
-    let (status, error) = refusal(Some(&lonely_token)).await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "{error}");
+    let answer = server.config(Some(&lonely_token), "?wait=0", None).await;
+    let error = answer.error();
+    assert_eq!(answer.status, StatusCode::FORBIDDEN, "{error}");
     assert!(
         error.contains("storefront/lonely-1 matches no BalancerPolicy"),
         "{error}"
     );
+    // The sidecar tells this 403 from the others by its reason: it serves no routes
+    // and is ready, where an unbound or stale token is a failure.
+    assert_eq!(
+        answer.json()["reason"],
+        trimtab_api::sidecar_config::NO_POLICY_REASON
+    );
+    let unbound_answer = server.config(Some(&unbound), "?wait=0", None).await;
+    assert_eq!(unbound_answer.json().get("reason"), None);
 
     // A token outlives its pod only until the API server notices the pod is gone.
     let doomed_token = token(&client, Some(&doomed), "trimtab").await;
