@@ -236,15 +236,6 @@ impl PolicyIndex {
         self.read().policies.get(key).map(|e| e.hash)
     }
 
-    /// The client selectors of every policy, for counting the sidecars each reaches.
-    pub fn selectors(&self) -> Vec<(PolicyKey, Selector, u64)> {
-        self.read()
-            .policies
-            .iter()
-            .map(|(k, e)| (k.clone(), e.selector.clone(), e.hash))
-            .collect()
-    }
-
     /// Whether the first full list of policies has been indexed: before it, a pod's
     /// config could be missing policies that exist.
     pub fn is_synced(&self) -> bool {

@@ -96,6 +96,20 @@ impl OperatorProcess {
         config_addr: SocketAddr,
         cert: &ServingCert,
     ) -> Self {
+        Self::start_with(cluster, namespace, instance, config_addr, Some(cert), &[]).await
+    }
+
+    /// [`Self::start`] with extra `TRIMTAB_*` environment, as the chart sets it. Without
+    /// `cert` the environment says where the certificate comes from (e.g.
+    /// `TRIMTAB_TLS_SECRET`: the operator's own CA).
+    pub async fn start_with(
+        cluster: &TestCluster,
+        namespace: &str,
+        instance: &str,
+        config_addr: SocketAddr,
+        cert: Option<&ServingCert>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let binary = workspace_binary("trimtab-operator", "trimtab-operator").expect("operator");
         let admin_addr = free_addr();
         let log = cluster.dir().join(format!("{instance}.log"));
@@ -104,14 +118,20 @@ impl OperatorProcess {
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .env("KUBECONFIG", cluster.kubeconfig_path())
             .env("TRIMTAB_LOG", "info,trimtab_operator=debug")
+            .envs(env.iter().copied())
             .args(["--instance", instance, "--namespace", namespace])
             .arg(format!("--config-addr={config_addr}"))
-            .arg(format!("--admin-addr={admin_addr}"))
-            .arg(format!("--tls-cert-file={}", cert.cert.display()))
-            .arg(format!("--tls-key-file={}", cert.key.display()))
+            .arg(format!("--admin-addr={admin_addr}"));
+        if let Some(cert) = cert {
+            command
+                .arg(format!("--tls-cert-file={}", cert.cert.display()))
+                .arg(format!("--tls-key-file={}", cert.key.display()));
+        }
+        let child = command
             // tracing writes to stdout: both go to the log.
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
@@ -142,6 +162,11 @@ impl OperatorProcess {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The process id, e.g. to read its RSS from `/proc`.

@@ -8,7 +8,6 @@
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -23,11 +22,10 @@ use kube::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
 use trimtab_tests::{
     cluster::TestCluster,
     crds,
-    operator_process::{free_addr, workspace_binary},
+    operator_process::{OperatorProcess, free_addr},
 };
 
 /// The operator's namespace (its Lease and TLS Secret).
@@ -42,64 +40,28 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A `trimtab-operator` started as the chart starts it, but on loopback: its certificate
 /// from the TLS Secret, with 127.0.0.1 among its names for the `url:` webhook.
-struct Operator {
-    child: Child,
-    config_addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Operator {
-    async fn start(cluster: &TestCluster, instance: &str) -> Self {
-        let binary = workspace_binary("trimtab-operator", "trimtab-operator").expect("operator");
-        let config_addr = free_addr();
-        let log = cluster.dir().join(format!("{instance}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(binary)
-            .env("KUBECONFIG", cluster.kubeconfig_path())
-            .env("TRIMTAB_LOG", "info,trimtab_operator=debug")
-            .args(["--instance", instance, "--namespace", OPERATOR_NS])
-            .arg(format!("--config-addr={config_addr}"))
-            .arg(format!("--admin-addr={}", free_addr()))
-            .env("TRIMTAB_TLS_SECRET", TLS_SECRET)
-            .env("TRIMTAB_TLS_EXTRA_SANS", "127.0.0.1,localhost")
-            .env("TRIMTAB_WEBHOOK_CONFIGURATION", CONFIGURATION)
-            .env("TRIMTAB_CA_BUNDLE_CHECK_INTERVAL", "1s")
-            .env("TRIMTAB_SIDECAR_IMAGE", SIDECAR_IMAGE)
-            .env("TRIMTAB_SIDECAR_IMAGE_PULL_POLICY", "Never")
-            .env(
+async fn start_operator(cluster: &TestCluster, instance: &str) -> OperatorProcess {
+    OperatorProcess::start_with(
+        cluster,
+        OPERATOR_NS,
+        instance,
+        free_addr(),
+        None,
+        &[
+            ("TRIMTAB_TLS_SECRET", TLS_SECRET),
+            ("TRIMTAB_TLS_EXTRA_SANS", "127.0.0.1,localhost"),
+            ("TRIMTAB_WEBHOOK_CONFIGURATION", CONFIGURATION),
+            ("TRIMTAB_CA_BUNDLE_CHECK_INTERVAL", "1s"),
+            ("TRIMTAB_SIDECAR_IMAGE", SIDECAR_IMAGE),
+            ("TRIMTAB_SIDECAR_IMAGE_PULL_POLICY", "Never"),
+            (
                 "TRIMTAB_SIDECAR_RESOURCES",
                 r#"{"requests":{"cpu":"50m","memory":"64Mi"},"limits":{"memory":"256Mi"}}"#,
-            )
-            .env("TRIMTAB_SIDECAR_LOG", "info")
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("operator starts");
-        let operator = Self {
-            child,
-            config_addr,
-            log,
-        };
-        let deadline = Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(config_addr).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "operator {instance} did not listen within {WAIT:?}; log:\n{}",
-                operator.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        operator
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn kill(mut self) {
-        let _ = self.child.kill().await;
-    }
+            ),
+            ("TRIMTAB_SIDECAR_LOG", "info"),
+        ],
+    )
+    .await
 }
 
 async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
@@ -200,7 +162,7 @@ async fn the_api_server_injects_through_the_operators_webhook_and_its_own_certif
 
     // The port is known before the operator starts, so the configuration can exist first,
     // without a caBundle: until the operator writes one, the API server cannot trust it.
-    let first = Operator::start(&cluster, "operator-0").await;
+    let first = start_operator(&cluster, "operator-0").await;
     configurations
         .create(
             &PostParams::default(),
@@ -353,7 +315,7 @@ async fn the_api_server_injects_through_the_operators_webhook_and_its_own_certif
     );
 
     // A second replica started later reads the Secret and serves the same certificate.
-    let second = Operator::start(&cluster, "operator-1").await;
+    let second = start_operator(&cluster, "operator-1").await;
     assert_eq!(
         served_certificate(second.config_addr, ca_pem.clone()).await,
         pem_der(&data["tls.crt"].0),
