@@ -21,6 +21,7 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
     header::{self, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE},
     request::Parts,
+    uri::{self, PathAndQuery, Scheme},
 };
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -56,7 +57,12 @@ pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the obsolete `Proxy-Connection` and
 /// `Keep-Alive` that clients still send): they describe one connection and must not
 /// be forwarded. Headers named in `Connection` are removed too.
-const HOP_BY_HOP: [HeaderName; 7] = [
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+const HOP_BY_HOP_COUNT: usize = 7;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -71,11 +77,35 @@ pub fn client(connect_timeout: Duration) -> HttpClient {
     crate::http_client::pooled(connect_timeout)
 }
 
+/// The client end of one accepted connection. The header values that name it are
+/// formatted once per connection: formatting them per request was a measurable share of
+/// the proxy's CPU (docs/benchmarks.md, "Sidecar proxy overhead").
+#[derive(Debug)]
+pub struct Peer {
+    /// The client's IP as `X-Forwarded-For` carries it.
+    forwarded_ip: HeaderValue,
+    /// `for=…` as `Forwarded` carries it (RFC 7239 §6: IPv6 bracketed and quoted).
+    forwarded_node: String,
+}
+
+impl Peer {
+    /// The peer of a connection accepted from `address`.
+    pub fn new(address: SocketAddr) -> Self {
+        let ip = address.ip();
+        Self {
+            // An IP address's text is always a valid header value.
+            forwarded_ip: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            forwarded_node: format!("for={}", forwarded_node(ip)),
+        }
+    }
+}
+
 /// Serves one request that arrived on the listener of `port`.
 pub async fn serve(
     shared: Arc<Shared>,
     port: u16,
-    peer: SocketAddr,
+    peer: Arc<Peer>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let Some(route) = shared.route(port) else {
@@ -84,13 +114,13 @@ pub async fn serve(
             format!("no route listens on port {port} in the current config"),
         ));
     };
-    Ok(forward(&shared, route, peer, req).await)
+    Ok(forward(&shared, route, &peer, req).await)
 }
 
 async fn forward(
     shared: &Shared,
     route: Arc<RouteRuntime>,
-    peer: SocketAddr,
+    peer: &Peer,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let in_flight = InFlight::new(Arc::clone(&route));
@@ -384,40 +414,39 @@ fn describe(error: &dyn StdError) -> String {
 }
 
 fn upstream_request(parts: &Parts, endpoint: &Endpoint, body: ProxyBody) -> Request<ProxyBody> {
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    // An authority and path that came from a valid request always form a valid URI.
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(endpoint.authority.clone())
-        .path_and_query(path)
-        .build()
-        .unwrap_or_else(|_| Uri::from_static("/"));
+    // Parts already parsed are reused: building the URI from text parsed the path again.
+    let mut uri = uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(endpoint.authority.clone());
+    uri.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    // A scheme, an authority and a path always form a valid absolute URI.
+    let uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = parts.headers.clone();
-    if (!request.headers().contains_key(HOST) || parts.extensions.get::<RewriteHost>().is_some())
-        && let Ok(host) = HeaderValue::from_str(endpoint.authority.as_str())
-    {
-        request.headers_mut().insert(HOST, host);
+    if !request.headers().contains_key(HOST) {
+        request.headers_mut().insert(HOST, endpoint.host.clone());
     }
     request
 }
 
-/// Marks a request whose Host named the sidecar itself: the endpoint's address is sent
-/// instead, since a Host of `127.0.0.1:15001` means nothing to the backend.
-#[derive(Clone, Copy, Debug)]
-struct RewriteHost;
-
 /// Removes hop-by-hop headers and adds `X-Forwarded-*` and `Forwarded` (RFC 7239).
-fn prepare_request_headers(parts: &mut Parts, peer: SocketAddr, upgrade: Option<HeaderValue>) {
-    let original_host = parts
-        .headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+fn prepare_request_headers(parts: &mut Parts, peer: &Peer, upgrade: Option<HeaderValue>) {
+    // Cloning a header value shares its bytes; only a Host taken from the URI is copied.
+    let original_host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     remove_hop_by_hop(&mut parts.headers);
     if let Some(upgrade) = upgrade {
         parts
@@ -425,35 +454,48 @@ fn prepare_request_headers(parts: &mut Parts, peer: SocketAddr, upgrade: Option<
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(UPGRADE, upgrade);
     }
-    let ip = peer.ip();
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let forwarded_for = match parts.headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip.to_string(),
+    let forwarded_for = match parts
+        .headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(existing) => HeaderValue::from_str(&join_list(
+            existing,
+            peer.forwarded_ip.to_str().unwrap_or("unknown"),
+        ))
+        .ok(),
+        None => Some(peer.forwarded_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        parts.headers.insert(xff, v);
+    if let Some(v) = forwarded_for {
+        parts.headers.insert(X_FORWARDED_FOR, v);
     }
-    let xfp = HeaderName::from_static("x-forwarded-proto");
-    if !parts.headers.contains_key(&xfp) {
-        parts.headers.insert(xfp, HeaderValue::from_static("http"));
+    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    let mut forwarded = format!("for={}", forwarded_node(ip));
-    if let Some(host) = &original_host {
-        let xfh = HeaderName::from_static("x-forwarded-host");
-        if !parts.headers.contains_key(&xfh)
-            && let Ok(v) = HeaderValue::from_str(host)
-        {
-            parts.headers.insert(xfh, v);
+    let host = original_host.as_ref().and_then(|h| h.to_str().ok());
+    let mut forwarded =
+        String::with_capacity(peer.forwarded_node.len() + host.map_or(0, |h| h.len() + 8) + 11);
+    forwarded.push_str(&peer.forwarded_node);
+    if let (Some(value), Some(host)) = (&original_host, host) {
+        if !parts.headers.contains_key(X_FORWARDED_HOST) {
+            parts.headers.insert(X_FORWARDED_HOST, value.clone());
         }
-        forwarded.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+        forwarded.push_str(";host=\"");
+        if host.contains(['"', '\\']) {
+            forwarded.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
+        } else {
+            forwarded.push_str(host);
+        }
+        forwarded.push('"');
         if is_loopback_host(host) {
-            parts.extensions.insert(RewriteHost);
-        } else if !parts.headers.contains_key(HOST)
-            && let Ok(v) = HeaderValue::from_str(host)
-        {
+            // A Host of `127.0.0.1:15001` names the sidecar and means nothing to the
+            // backend: without a Host, each attempt sends its endpoint's address.
+            parts.headers.remove(HOST);
+        } else if !parts.headers.contains_key(HOST) {
             // HTTP/2 carries the host in :authority; HTTP/1.1 upstream needs Host.
-            parts.headers.insert(HOST, v);
+            parts.headers.insert(HOST, value.clone());
         }
     }
     forwarded.push_str(";proto=http");
@@ -462,12 +504,21 @@ fn prepare_request_headers(parts: &mut Parts, peer: SocketAddr, upgrade: Option<
         .get(header::FORWARDED)
         .and_then(|v| v.to_str().ok())
     {
-        Some(existing) => format!("{existing}, {forwarded}"),
+        Some(existing) => join_list(existing, &forwarded),
         None => forwarded,
     };
     if let Ok(v) = HeaderValue::from_str(&combined) {
         parts.headers.insert(header::FORWARDED, v);
     }
+}
+
+/// `existing, next`: one more element of a comma-separated header list.
+fn join_list(existing: &str, next: &str) -> String {
+    let mut joined = String::with_capacity(existing.len() + 2 + next.len());
+    joined.push_str(existing);
+    joined.push_str(", ");
+    joined.push_str(next);
+    joined
 }
 
 /// RFC 7239 §6: IPv6 nodes are bracketed and quoted.
@@ -490,14 +541,30 @@ fn is_loopback_host(host: &str) -> bool {
 
 /// Removes the RFC 9110 §7.6.1 hop-by-hop headers and every header `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // One pass over the names finds what is present: most requests carry none, and most
+    // responses only `Connection: keep-alive`. Removing all seven blindly hashed seven
+    // names per message.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if present[0] {
+        // `HOP_BY_HOP[0]` is `Connection`; the hop-by-hop names it lists go below anyway.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| !HOP_BY_HOP.contains(name))
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         headers.remove(name);
     }
 }
@@ -692,7 +759,8 @@ mod tests {
             .body(())
             .expect("valid")
             .into_parts();
-        prepare_request_headers(&mut parts, "127.0.0.1:5555".parse().expect("addr"), None);
+        let peer = Peer::new("127.0.0.1:5555".parse().expect("addr"));
+        prepare_request_headers(&mut parts, &peer, None);
         let h = &parts.headers;
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -701,7 +769,10 @@ mod tests {
             h[header::FORWARDED],
             "for=127.0.0.1;host=\"127.0.0.1:15001\";proto=http"
         );
-        assert!(parts.extensions.get::<RewriteHost>().is_some());
+        assert!(
+            !h.contains_key(HOST),
+            "a Host naming the sidecar is replaced per attempt"
+        );
     }
 
     #[test]

@@ -19,6 +19,12 @@ use trimtab_sidecar::{
     sidecar::{Options, Sidecar},
 };
 
+/// mimalloc rather than glibc malloc: a proxied request allocates and frees a few dozen
+/// small buffers (headers, URIs, body frames), and glibc's free lists were ~6% of the
+/// proxy's CPU under load (see docs/benchmarks.md, "Sidecar proxy overhead").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(&cli)?;
@@ -35,10 +41,18 @@ fn main() -> anyhow::Result<()> {
             .init(),
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = settings.worker_threads {
-        runtime.worker_threads(threads.max(1));
-    }
+    // One worker thread is an event loop as nginx and Envoy run theirs: the
+    // current-thread scheduler skips the work-stealing machinery (and its atomics) that
+    // a single worker never uses.
+    let mut runtime = match settings.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads.max(1));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime
         .enable_all()
         .build()

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::uri::Authority;
+use http::{HeaderValue, uri::Authority};
 use rand::Rng;
 use trimtab_api::{
     balancer_policy::{Algorithm, EndpointState},
@@ -40,6 +40,8 @@ pub struct Endpoint {
     pub address: String,
     /// The address as a URI authority, for the upstream request.
     pub authority: Authority,
+    /// The address as a `Host` header value, for requests whose Host named the sidecar.
+    pub host: HeaderValue,
     /// Load signals the balancer reads.
     pub load: EndpointLoad,
     /// Passive health.
@@ -104,9 +106,11 @@ impl Endpoint {
         metrics: &Metrics,
     ) -> Option<Self> {
         let authority: Authority = config.address.parse().ok()?;
+        let host = HeaderValue::from_str(authority.as_str()).ok()?;
         Some(Self {
             address: config.address.clone(),
             authority,
+            host,
             load: EndpointLoad::new_at(config.weight, origin),
             outlier: OutlierState::default(),
             healthy: AtomicBool::new(true),

@@ -94,7 +94,8 @@ pub struct Cli {
     /// How often policy files are re-read even without a file-system event [default: 2s].
     #[arg(long, env = "TRIMTAB_RELOAD_POLL_INTERVAL")]
     pub reload_poll_interval: Option<Duration>,
-    /// Threads serving requests [default: one per CPU, or TOKIO_WORKER_THREADS].
+    /// Threads serving requests [default: one per CPU, or TOKIO_WORKER_THREADS]; 1 runs a
+    /// single event loop.
     #[arg(long, env = "TRIMTAB_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Print the effective settings as YAML and exit.

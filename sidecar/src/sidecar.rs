@@ -375,8 +375,10 @@ async fn accept(
         let http = Arc::clone(&http);
         let mut stop = stop.clone();
         tokio::spawn(async move {
-            let service =
-                service_fn(move |req| forward::serve(Arc::clone(&shared), port, peer, req));
+            let client = Arc::new(forward::Peer::new(peer));
+            let service = service_fn(move |req| {
+                forward::serve(Arc::clone(&shared), port, Arc::clone(&client), req)
+            });
             let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let result = tokio::select! {

@@ -121,6 +121,12 @@ fn shard(args: &RunArgs, spec: &LoadTestSpec) -> anyhow::Result<Shard> {
     Ok(Shard::new(index, count)?)
 }
 
+/// mimalloc rather than glibc malloc: a proxied request allocates and frees a few dozen
+/// small buffers (headers, URIs, body frames), and glibc's free lists were ~6% of the
+/// proxy's CPU under load (see docs/benchmarks.md, "Sidecar proxy overhead").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Command::Run(args) = cli.command;
