@@ -446,6 +446,17 @@ async fn sidecars_get_exactly_their_policies_and_wrong_tokens_get_401_or_403() {
         "{}",
         garbage.error()
     );
+    let oversized = format!(
+        r#"{{"windowSeconds": 5, "pad": "{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    let oversized = server.report(&web_token, &oversized).await;
+    assert_eq!(oversized.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        oversized.error().contains("larger than 1048576 bytes"),
+        "{}",
+        oversized.error()
+    );
     let negative = server
         .report(&web_token, r#"{"windowSeconds": -1, "endpoints": []}"#)
         .await;

@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::{
     Method, Request, Response, StatusCode,
     body::Incoming,
@@ -156,6 +156,9 @@ pub enum RequestError {
     /// The operator has not listed policies and pods yet.
     #[error("the operator is starting: policies and pods are not listed yet")]
     Starting,
+    /// A failure of the operator itself, not of the request.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// An unknown path.
     #[error(
         "no such endpoint; this server has GET /v1/config, POST /v1/load-reports and POST /mutate-pods"
@@ -180,6 +183,7 @@ impl RequestError {
             Self::Starting => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -456,13 +460,7 @@ async fn load_report(
     state: &ServerState,
 ) -> Result<Response<Full<Bytes>>, RequestError> {
     let (identity, pod) = identify(&req, state).await?;
-    let body = Limited::new(req.into_body(), MAX_REPORT_BYTES)
-        .collect()
-        .await
-        .map_err(|_| RequestError::TooLarge {
-            limit: MAX_REPORT_BYTES,
-        })?
-        .to_bytes();
+    let body = read_body(req, MAX_REPORT_BYTES).await?;
     let report: LoadReport =
         serde_json::from_slice(&body).map_err(|e| RequestError::BadRequest {
             field: format!("body (line {}, column {})", e.line(), e.column()),
@@ -513,24 +511,29 @@ async fn mutate_pods(
         .injector
         .as_ref()
         .ok_or(RequestError::InjectionDisabled)?;
-    let body = Limited::new(req.into_body(), MAX_REVIEW_BYTES)
-        .collect()
-        .await
-        .map_err(|_| RequestError::TooLarge {
-            limit: MAX_REVIEW_BYTES,
-        })?
-        .to_bytes();
+    let body = read_body(req, MAX_REVIEW_BYTES).await?;
     let review = injector
         .review(&body)
         .map_err(|e| RequestError::BadRequest {
             field: "body".into(),
             message: e.to_string(),
         })?;
-    let body = serde_json::to_vec(&review).map_err(|e| RequestError::BadRequest {
-        field: "response".into(),
-        message: e.to_string(),
-    })?;
+    let body = serde_json::to_vec(&review)
+        .map_err(|e| RequestError::Internal(format!("encoding the AdmissionReview: {e}")))?;
     Ok(json_response(StatusCode::OK, body.into()))
+}
+
+/// The body of `req`, at most `limit` bytes. Only an oversized body is a 413: a client
+/// that hangs up half-way sent a bad request, not a large one.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, RequestError> {
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(RequestError::TooLarge { limit }),
+        Err(e) => Err(RequestError::BadRequest {
+            field: "body".into(),
+            message: format!("the body could not be read: {e}"),
+        }),
+    }
 }
 
 #[cfg(test)]
