@@ -6,8 +6,10 @@
 //!
 //! # What runs, and what does not
 //!
-//! Only etcd and kube-apiserver. There is no kubelet, no scheduler and no
-//! kube-controller-manager, so (as with envtest):
+//! Only etcd and kube-apiserver, unless a test asks for more: kube-controller-manager
+//! with chosen controllers ([`TestCluster::start_controller_manager`]) and a stand-in
+//! kubelet that runs Pods as local processes ([`crate::node_agent`]). Without them (as
+//! with envtest):
 //!
 //! - Pods stay `Pending` forever unless a test writes their `status` itself.
 //! - No controller creates the `default` ServiceAccount of a new namespace, yet the
@@ -199,6 +201,8 @@ impl ClusterError {
 
 /// A running etcd + kube-apiserver pair on loopback, stopped and cleaned up on drop.
 pub struct TestCluster {
+    /// Started on demand by [`TestCluster::start_controller_manager`]; stopped first.
+    controller_manager: Option<ServerProcess>,
     /// Stopped before `dir` is removed (see `Drop`), so no server writes into a removed
     /// directory.
     apiserver: ServerProcess,
@@ -332,6 +336,7 @@ impl TestCluster {
         let client = client_from_kubeconfig(&kubeconfig).await?;
 
         let mut cluster = TestCluster {
+            controller_manager: None,
             apiserver,
             etcd,
             dir,
@@ -522,10 +527,48 @@ impl TestCluster {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Starts kube-controller-manager with only `controllers` (e.g. `job`,
+    /// `garbagecollector`), as the admin, without leader election or a serving port. Its
+    /// log is `kube-controller-manager.log` in [`TestCluster::dir`]. Pods the Job
+    /// controller creates still need a node: see [`crate::node_agent`].
+    pub fn start_controller_manager(&mut self, controllers: &[&str]) -> Result<(), ClusterError> {
+        if self.controller_manager.is_some() {
+            return Ok(());
+        }
+        let root = self.dir.path();
+        let mut manager = ServerProcess::spawn(
+            "kube-controller-manager",
+            &self.bin_dir.join("kube-controller-manager"),
+            &[
+                format!("--kubeconfig={}", self.kubeconfig.display()),
+                format!("--controllers={}", controllers.join(",")),
+                "--leader-elect=false".into(),
+                "--use-service-account-credentials=false".into(),
+                // No health or metrics port: nothing here scrapes it.
+                "--secure-port=0".into(),
+                format!(
+                    "--service-account-private-key-file={}",
+                    root.join(files::SERVICE_ACCOUNT_KEY).display()
+                ),
+                "-v=1".into(),
+            ],
+            0,
+            root.join("kube-controller-manager.log"),
+        )?;
+        // A flag it refuses ends it at once; say so now rather than as a Job that never runs.
+        std::thread::sleep(Duration::from_millis(300));
+        manager.fail_if_exited()?;
+        self.controller_manager = Some(manager);
+        Ok(())
+    }
 }
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        if let Some(manager) = &mut self.controller_manager {
+            manager.stop();
+        }
         self.apiserver.stop();
         self.etcd.stop();
         let keep_requested = std::env::var(KEEP_ENV).is_ok_and(|v| v == "1");

@@ -5,5 +5,6 @@
 
 pub mod cluster;
 pub mod crds;
+pub mod node_agent;
 pub mod operator_process;
 pub mod prometheus_server;
