@@ -11,6 +11,7 @@ pub mod config_server;
 pub mod index;
 pub mod leader;
 pub mod load_reports;
+pub mod load_test;
 pub mod metrics;
 pub mod metrics_source;
 pub mod quantity;

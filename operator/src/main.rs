@@ -27,6 +27,7 @@ use trimtab_operator::{
     },
     index::PolicyIndex,
     leader::{self, Leadership},
+    load_test,
     metrics::Metrics,
     sidecar_counts::Replica,
     tls_secret::{TlsSecret, issue},
@@ -318,14 +319,27 @@ async fn main() -> anyhow::Result<()> {
             args.ca_bundle_check_interval.get(),
         ));
     }
-    balancer_policy::run(
-        client,
-        wiring,
-        metrics.controller("balancerpolicy"),
-        reporter,
-        leadership,
-    )
-    .await;
+    let runner_image = load_test::RunnerImage {
+        image: args.sidecar_image.clone(),
+        pull_policy: args.sidecar_image_pull_policy.clone(),
+    };
+    // Both controllers stop on the shutdown signal.
+    tokio::join!(
+        balancer_policy::run(
+            client.clone(),
+            wiring,
+            metrics.controller("balancerpolicy"),
+            reporter.clone(),
+            leadership.clone(),
+        ),
+        load_test::run(
+            client,
+            runner_image,
+            metrics.controller("loadtest"),
+            reporter,
+            leadership,
+        ),
+    );
     tracing::info!("shut down");
     Ok(())
 }

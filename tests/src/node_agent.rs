@@ -14,8 +14,10 @@
 //!
 //! - No container runtime: the image is ignored. `command[0]` is looked up in the
 //!   agent's table of binaries (e.g. `trimtab-bots` → the workspace's build), then taken
-//!   as a path or a program on `PATH`. Volumes are not mounted; each container runs in its
-//!   own empty directory under the agent's work directory.
+//!   as a path or a program on `PATH`. Each container runs in its own directory under the
+//!   agent's work directory. `configMap` and `secret` volumes are written there (under
+//!   their `mountPath`), and a command-line argument or env value that starts with a
+//!   `mountPath` is pointed at that copy; other volumes are not supported.
 //! - No restarts: every `restartPolicy` behaves as `Never`, which is what Indexed Jobs of
 //!   bot runners use.
 //! - Networking is the host's: processes bind and connect on loopback, and the Pod's IP
@@ -338,10 +340,29 @@ impl Agent {
         pod: &Pod,
         container: &Container,
     ) -> Result<tokio::process::Child, String> {
-        let env = self.environment(pod, container).await?;
+        let namespace = pod.namespace().unwrap_or_default();
+        let base = format!("{namespace}_{}_{}", pod.name_any(), container.name);
+        let dir = self.work_dir.join(&base);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("container {}: {e}", container.name))?;
+        let mounts = self.mount(pod, container, &dir).await?;
+        let relocate = |text: String| {
+            mounts
+                .iter()
+                .find_map(|(at, copy)| {
+                    text.strip_prefix(at.as_str())
+                        .map(|rest| format!("{}{rest}", copy.display()))
+                })
+                .unwrap_or(text)
+        };
+        let env: Vec<(String, String)> = self
+            .environment(pod, container)
+            .await?
+            .into_iter()
+            .map(|(k, v)| (k, relocate(v)))
+            .collect();
         let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
         argv.extend(container.args.clone().unwrap_or_default());
-        let argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
+        let argv: Vec<String> = argv.iter().map(|a| relocate(expand(a, &env))).collect();
         let Some(program) = argv.first() else {
             return Err(format!(
                 "container {}: no command (the agent runs no image entrypoints)",
@@ -353,10 +374,6 @@ impl Agent {
             .get(program)
             .cloned()
             .unwrap_or_else(|| PathBuf::from(program));
-        let namespace = pod.namespace().unwrap_or_default();
-        let base = format!("{namespace}_{}_{}", pod.name_any(), container.name);
-        let dir = self.work_dir.join(&base);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("container {}: {e}", container.name))?;
         let log = std::fs::File::create(self.work_dir.join(format!("{base}.log")))
             .map_err(|e| format!("container {}: log file: {e}", container.name))?;
         let log_err = log
@@ -380,6 +397,68 @@ impl Agent {
                     executable.display()
                 )
             })
+    }
+
+    /// Writes the container's configMap and secret volumes under `dir`; returns each
+    /// mount path with the directory that stands for it.
+    async fn mount(
+        &self,
+        pod: &Pod,
+        container: &Container,
+        dir: &Path,
+    ) -> Result<Vec<(String, PathBuf)>, String> {
+        let namespace = pod.namespace().unwrap_or_default();
+        let volumes = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        let mut mounts = Vec::new();
+        for (i, mount) in container.volume_mounts.iter().flatten().enumerate() {
+            let field = format!(
+                "container {}: volumeMounts[{i}] ({})",
+                container.name, mount.name
+            );
+            let volume = volumes
+                .iter()
+                .find(|v| v.name == mount.name)
+                .ok_or_else(|| format!("{field}: no such volume"))?;
+            let files: BTreeMap<String, Vec<u8>> = if let Some(source) = &volume.config_map {
+                let map = Api::<ConfigMap>::namespaced(self.client.clone(), &namespace)
+                    .get(&source.name)
+                    .await
+                    .map_err(|e| format!("{field}: configMap {}: {e}", source.name))?;
+                map.data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()))
+                    .collect()
+            } else if let Some(source) = &volume.secret {
+                let name = source.secret_name.clone().unwrap_or_default();
+                let secret = Api::<Secret>::namespaced(self.client.clone(), &namespace)
+                    .get(&name)
+                    .await
+                    .map_err(|e| format!("{field}: secret {name}: {e}"))?;
+                secret
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect()
+            } else {
+                return Err(format!(
+                    "{field}: only configMap and secret volumes are supported"
+                ));
+            };
+            let copy = dir.join(mount.mount_path.trim_start_matches('/'));
+            std::fs::create_dir_all(&copy).map_err(|e| format!("{field}: {e}"))?;
+            for (key, bytes) in files {
+                std::fs::write(copy.join(&key), bytes)
+                    .map_err(|e| format!("{field}: {key}: {e}"))?;
+            }
+            mounts.push((mount.mount_path.clone(), copy));
+        }
+        Ok(mounts)
     }
 
     /// The container's environment, in order, as the kubelet resolves it.

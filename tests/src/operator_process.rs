@@ -16,7 +16,28 @@ use crate::cluster::TestCluster;
 /// `cargo test -p trimtab-tests` from running a stale binary.
 pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(&cargo)
+    let mut command = std::process::Command::new(&cargo);
+    // Cargo runs this test with the variables of *this* package set; build scripts that
+    // watch one of them (ring's watches CARGO_MANIFEST_DIR) would then rebuild, here and
+    // again in the next build outside a test: minutes of TLS crates each time.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&name.as_ref())
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let status = command
         .args(["build", "--locked", "--quiet", "-p", package, "--bin", bin])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .status()

@@ -1244,6 +1244,14 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         ),
         ("watch", "configmaps", Some(NS)),
         ("patch", "configmaps/trimtab-sidecars-operator-1", Some(NS)),
+        ("watch", "loadtests.trimtab.dev", None),
+        ("patch", "loadtests.trimtab.dev:status", Some(shop)),
+        ("get", "jobs.batch", Some(shop)),
+        ("watch", "jobs.batch", None),
+        ("create", "jobs.batch", Some(shop)),
+        ("patch", "jobs.batch", Some(shop)),
+        ("delete", "jobs.batch", Some(shop)),
+        ("patch", "configmaps", Some(shop)),
     ] {
         assert!(
             operator_can(&cluster, verb, resource, namespace),
@@ -1257,6 +1265,10 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         ("delete", "balancerpolicies.trimtab.dev", Some(shop)),
         ("create", "balancerpolicies.trimtab.dev", Some(shop)),
         ("get", "loadtests.trimtab.dev", Some(shop)),
+        ("update", "loadtests.trimtab.dev", Some(shop)),
+        ("patch", "loadtests.trimtab.dev", Some(shop)),
+        ("delete", "loadtests.trimtab.dev", Some(shop)),
+        ("update", "jobs.batch", Some(shop)),
         ("create", "pods", Some(shop)),
         ("delete", "pods", Some(shop)),
         ("patch", "pods", Some(shop)),
@@ -1272,7 +1284,6 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         ("get", "configmaps", Some(NS)),
         ("delete", "configmaps", Some(NS)),
         ("list", "configmaps", Some(shop)),
-        ("create", "jobs.batch", Some(shop)),
         ("get", "leases.coordination.k8s.io/someone-else", Some(NS)),
         ("create", "leases.coordination.k8s.io", Some(shop)),
         (
