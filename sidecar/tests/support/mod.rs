@@ -220,6 +220,7 @@ pub fn route(name: &str, port: u16, algorithm: Algorithm, backends: &[&Backend])
         },
         timeouts: Timeouts::default(),
         limits: Limits::default(),
+        llm: None,
     }
 }
 
