@@ -771,6 +771,7 @@ pub struct EndpointLoad {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
     use crate::{balancer_policy::ApiKeySource, duration::Duration};

@@ -7,7 +7,6 @@ mod support;
 
 use std::{
     path::Path,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,77 +15,11 @@ use http::{HeaderMap, Request};
 use http_body_util::{BodyExt, Full};
 use mock_llm::{Failure, MockProvider, TOOL_ARGUMENTS};
 use serde_json::{Value, json};
-use support::{TestClient, client, free_port};
+use support::{
+    TestClient, client, free_port,
+    llm::{ANTHROPIC_KEY, OPENAI_KEY, PRIORITY, gateway, p},
+};
 use trimtab_sidecar::{config_source::parse_policies, metrics::Metrics, sidecar::Sidecar};
-
-const OPENAI_KEY: &str = "sk-test-openai-provider";
-const ANTHROPIC_KEY: &str = "sk-ant-test-provider";
-
-/// One provider of a test policy.
-struct P<'a> {
-    name: &'a str,
-    kind: &'a str,
-    mock: &'a MockProvider,
-    window: u64,
-}
-
-fn p<'a>(name: &'a str, kind: &'a str, mock: &'a MockProvider) -> P<'a> {
-    P {
-        name,
-        kind,
-        mock,
-        window: 128_000,
-    }
-}
-
-/// A gateway on a free port serving `providers` to an app of dialect `app`, with keys in
-/// files under `keys`, and `extra` YAML under `spec:` (routing, failover, …).
-struct Gateway {
-    port: u16,
-    sidecar: Arc<Sidecar>,
-    _keys: tempfile::TempDir,
-}
-
-async fn gateway(app: &str, providers: &[P<'_>], extra: &str) -> Gateway {
-    let keys = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut yaml = format!(
-        "apiVersion: trimtab.dev/v1alpha1\nkind: BalancerPolicy\nmetadata: {{name: llm, namespace: test}}\nspec:\n  clients: {{podSelector: {{}}}}\n  listener: {{port: {port}, protocol: {app}}}\n  providers:\n"
-    );
-    for provider in providers {
-        let (base, key) = match provider.kind {
-            "openai" => (provider.mock.openai_base_url(), OPENAI_KEY),
-            _ => (provider.mock.anthropic_base_url(), ANTHROPIC_KEY),
-        };
-        let file = keys.path().join(provider.name);
-        std::fs::write(&file, format!("{key}\n")).unwrap();
-        provider.mock.update(|b| b.expected_key = Some(key.into()));
-        yaml.push_str(&format!(
-            "  - {{name: {}, type: {}, baseUrl: \"{base}\", model: {}-model, contextWindow: {}, modelAliases: {{app-model: {}-aliased}}, apiKey: {{file: \"{}\"}}}}\n",
-            provider.name,
-            provider.kind,
-            provider.kind,
-            provider.window,
-            provider.kind,
-            file.display()
-        ));
-    }
-    yaml.push_str(extra);
-    let routes = parse_policies(&yaml, Path::new("test.yaml")).unwrap();
-    let sidecar = Sidecar::new(support::options(), Metrics::new().unwrap());
-    sidecar
-        .apply(trimtab_api::sidecar_config::SidecarConfig { version: 1, routes })
-        .await
-        .unwrap();
-    Gateway {
-        port,
-        sidecar,
-        _keys: keys,
-    }
-}
-
-/// Priority routing, so the first provider is the primary; failover on everything.
-const PRIORITY: &str = "  routing: {strategy: priority}\n  failover: {failoverOn: [429, 5xx, timeout, connect-failure, reset], maxAttempts: 3, firstByteTimeout: 2s, budgetPercent: 100}\n";
 
 struct Answer {
     status: u16,
@@ -808,6 +741,35 @@ async fn a_stream_cut_after_the_first_byte_ends_with_an_error_event_not_a_hang()
             a.body
         );
     }
+}
+
+#[tokio::test]
+async fn a_stream_that_stalls_midway_ends_with_a_timeout_error_event() {
+    let mock = MockProvider::start("slow", 0).await.unwrap();
+    let gw = gateway(
+        "anthropic",
+        &[p("slow", "openai", &mock)],
+        "  failover: {firstByteTimeout: 300ms}\n",
+    )
+    .await;
+    mock.update(|b| b.chunk_delay_ms = 5_000);
+    let started = Instant::now();
+    let a = post(
+        &client(),
+        gw.port,
+        ANTHROPIC_PATH,
+        &[],
+        anthropic_request(true, false),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let (name, data) = a.events().last().cloned().unwrap();
+    assert_eq!(name, "error", "{}", a.body);
+    assert!(data.contains("timeout_error"), "{data}");
 }
 
 #[tokio::test]

@@ -18,6 +18,12 @@
 //!    translated once it is complete. Time to first byte, total time, rate-limit headers
 //!    and failures go back to the router.
 //!
+//! `firstByteTimeout` bounds the wait for the first event of a stream, and the silence
+//! between two events (a provider that stops mid-stream ends the application's stream
+//! with an error event instead of hanging it). A whole answer arrives only when the model
+//! has finished, so its first byte may come long after a stream's would: it is bounded
+//! by the larger of `firstByteTimeout` and `timeouts.request`.
+//!
 //! The router is a plain `&mut` state machine behind a mutex held for a few
 //! microseconds per decision, never across an await.
 
@@ -816,7 +822,15 @@ impl LlmGateway {
                 };
             }
         };
-        let first_byte_timeout = self.config.failover.first_byte_timeout.get();
+        let first_byte_timeout = if stream {
+            self.config.failover.first_byte_timeout.get()
+        } else {
+            self.config
+                .failover
+                .first_byte_timeout
+                .get()
+                .max(self.request_timeout)
+        };
         let deadline = tokio::time::Instant::from_std(started + first_byte_timeout);
         let timed_out = || Attempt::Failed {
             kind: ErrorKind::Timeout,
@@ -1080,28 +1094,41 @@ impl StreamState {
                 if state.finished {
                     return None;
                 }
+                let idle = state.gateway.config.failover.first_byte_timeout.get();
                 let out = if let Some(first) = state.first.take() {
                     state.mapper.push(&first)
                 } else {
-                    match state.body.frame().await {
-                        Some(Ok(frame)) => match frame.into_data() {
-                            Ok(data) => state.mapper.push(&data),
-                            Err(_) => Vec::new(),
-                        },
-                        Some(Err(e)) => {
+                    match tokio::time::timeout(idle, state.body.frame()).await {
+                        Err(_) => {
                             state.end(false);
                             state.mapper.abort(
-                                ErrorKind::ServerError,
-                                &format!("the provider's stream failed: {e}"),
+                                ErrorKind::Timeout,
+                                &format!(
+                                    "the provider sent nothing for {} (failover.firstByteTimeout) in the middle of its stream",
+                                    humanize(idle)
+                                ),
                             )
                         }
-                        None => {
-                            // Ended before its last event: the mapper reports the cut.
-                            let complete = state.mapper.is_done();
-                            let out = state.mapper.finish();
-                            state.end(complete);
-                            out
-                        }
+                        Ok(frame) => match frame {
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(data) => state.mapper.push(&data),
+                                Err(_) => Vec::new(),
+                            },
+                            Some(Err(e)) => {
+                                state.end(false);
+                                state.mapper.abort(
+                                    ErrorKind::ServerError,
+                                    &format!("the provider's stream failed: {e}"),
+                                )
+                            }
+                            None => {
+                                // Ended before its last event: the mapper reports the cut.
+                                let complete = state.mapper.is_done();
+                                let out = state.mapper.finish();
+                                state.end(complete);
+                                out
+                            }
+                        },
                     }
                 };
                 if state.mapper.is_done() && !state.finished {

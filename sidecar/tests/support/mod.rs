@@ -2,6 +2,8 @@
 //! loop is bounded in count and time.
 #![allow(dead_code, clippy::unwrap_used, missing_debug_implementations)]
 
+pub mod llm;
+
 use std::{
     net::SocketAddr,
     sync::{
