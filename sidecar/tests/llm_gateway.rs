@@ -539,6 +539,55 @@ async fn primary_sending_malformed_json_means_zero_errors_at_the_app() {
 }
 
 #[tokio::test]
+async fn low_rate_limit_headroom_moves_traffic_before_a_429() {
+    let primary = MockProvider::start("primary", 0).await.unwrap();
+    let backup = MockProvider::start("backup", 0).await.unwrap();
+    let gw = gateway(
+        "anthropic",
+        &[
+            p("primary", "anthropic", &primary),
+            p("backup", "openai", &backup),
+        ],
+        PRIORITY,
+    )
+    .await;
+    // 10 of 1000 requests left: under 5%, so the primary is used only when nothing else is.
+    primary.update(|b| b.remaining_requests = Some(10));
+    let c = client();
+    let mut providers = Vec::new();
+    for _ in 0..10 {
+        let a = post(
+            &c,
+            gw.port,
+            ANTHROPIC_PATH,
+            &[("anthropic-beta", "some-beta")],
+            anthropic_request(false, false),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        providers.push(a.provider().to_owned());
+    }
+    assert_eq!(
+        providers[0], "primary",
+        "the headers arrive with the first answer"
+    );
+    assert_eq!(primary.requests(), 1, "then traffic moved: {providers:?}");
+    assert_eq!(
+        primary.last_request().unwrap().headers["anthropic-beta"],
+        "some-beta",
+        "an Anthropic app's beta header reaches an Anthropic provider"
+    );
+    assert!(
+        backup
+            .last_request()
+            .unwrap()
+            .headers
+            .get("anthropic-beta")
+            .is_none()
+    );
+}
+
+#[tokio::test]
 async fn a_stall_before_the_first_byte_fails_over_after_first_byte_timeout() {
     let primary = MockProvider::start("primary", 0).await.unwrap();
     let backup = MockProvider::start("backup", 0).await.unwrap();

@@ -427,6 +427,11 @@ async fn handle(
             format!("{} is not allowed here; use POST", req.method()),
         ));
     }
+    // Beta features an Anthropic app opts into only mean something to an Anthropic
+    // provider; every other header of the app (its credentials first) stays here.
+    let beta = (app == ProviderKind::Anthropic)
+        .then(|| req.headers().get("anthropic-beta").cloned())
+        .flatten();
     let limit = usize::try_from(gateway.max_request_body).unwrap_or(usize::MAX);
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(c) => c.to_bytes(),
@@ -453,7 +458,7 @@ async fn handle(
     let request = decoded.map_err(|e| (ErrorKind::InvalidRequest, e.to_string()))?;
     let hints =
         fitting::message_hints(&body).map_err(|e| (ErrorKind::InvalidRequest, e.to_string()))?;
-    gateway.dispatch(request, &hints).await
+    gateway.dispatch(request, &hints, beta.as_ref()).await
 }
 
 impl LlmGateway {
@@ -500,6 +505,7 @@ impl LlmGateway {
         self: &Arc<Self>,
         request: AppRequest,
         hints: &[MessageHints],
+        beta: Option<&HeaderValue>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let views = self.views(&request, hints);
         let fits = |i: usize| {
@@ -549,7 +555,7 @@ impl LlmGateway {
             }
             let started = Instant::now();
             let attempt = self
-                .attempt(provider, body, request.stream(), started)
+                .attempt(provider, body, request.stream(), beta, started)
                 .await;
             match attempt {
                 Attempt::Failed {
@@ -774,6 +780,7 @@ impl LlmGateway {
         provider: usize,
         body: Bytes,
         stream: bool,
+        beta: Option<&HeaderValue>,
         started: Instant,
     ) -> Attempt {
         let upstream = &self.upstreams[provider];
@@ -809,6 +816,9 @@ impl LlmGateway {
         }
         if upstream.spec.kind == ProviderKind::Anthropic {
             builder = builder.header("anthropic-version", ANTHROPIC_VERSION);
+            if let Some(beta) = beta {
+                builder = builder.header("anthropic-beta", beta);
+            }
         }
         let request = match builder.body(Full::new(body)) {
             Ok(r) => r,
