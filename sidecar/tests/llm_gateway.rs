@@ -1001,3 +1001,25 @@ async fn metrics_count_attempts_failovers_and_ttft() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_mock_provider_is_controlled_over_http() {
+    let mock = MockProvider::start("m", 0).await.unwrap();
+    let request = Request::put(format!("http://{}/_mock/behaviour", mock.addr()))
+        .body(Full::new(Bytes::from(
+            r#"{"ttftMs": 5, "fail": {"rateLimited": {"retryAfterSecs": 2}}}"#,
+        )))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let b = mock.behaviour();
+    assert_eq!(
+        (b.ttft_ms, b.fail),
+        (
+            5,
+            Some(Failure::RateLimited {
+                retry_after_secs: 2
+            })
+        )
+    );
+}

@@ -39,7 +39,7 @@ pub const TOOL_ARGUMENTS: &str = r#"{"city":"Paris","unit":"celsius"}"#;
 
 /// How a failing mock answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum Failure {
     /// 429 with `Retry-After: retry_after_secs`.
     RateLimited {
