@@ -1023,3 +1023,43 @@ async fn the_mock_provider_is_controlled_over_http() {
         )
     );
 }
+
+#[tokio::test]
+async fn hedging_sends_a_slow_request_to_a_second_provider_and_keeps_the_first_answer() {
+    let primary = MockProvider::start("primary", 0).await.unwrap();
+    let backup = MockProvider::start("backup", 0).await.unwrap();
+    let gw = gateway(
+        "openai",
+        &[p("primary", "openai", &primary), p("backup", "anthropic", &backup)],
+        "  routing: {strategy: priority}\n  failover: {hedge: true, firstByteTimeout: 10s, budgetPercent: 100}\n",
+    )
+    .await;
+    primary.update(|b| b.ttft_ms = 10);
+    let c = client();
+    // Enough answers for a p95 of the route's time to first token.
+    for _ in 0..25 {
+        let a = post(&c, gw.port, OPENAI_PATH, &[], openai_request(true, false)).await;
+        assert_eq!(a.provider(), "primary");
+    }
+    assert_eq!(
+        backup.requests(),
+        0,
+        "no hedge while the primary is as fast as usual"
+    );
+    primary.update(|b| b.ttft_ms = 3_000);
+    let started = Instant::now();
+    let a = post(&c, gw.port, OPENAI_PATH, &[], openai_request(true, false)).await;
+    assert_eq!((a.status, a.provider()), (200, "backup"), "{}", a.body);
+    assert!(openai_stream_summary(&a).3, "a complete stream");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.headers["x-trimtab-attempts"], "2");
+    let text = gw.sidecar.shared().metrics.encode().unwrap();
+    assert!(
+        text.contains(r#"trimtab_llm_hedges_total{provider="primary",route="test/llm"} 1"#),
+        "{text}"
+    );
+}

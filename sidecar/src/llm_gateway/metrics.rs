@@ -20,6 +20,8 @@ pub struct LlmMetrics {
     pub requests: IntCounterVec,
     /// Failovers by route and the provider failed over from.
     pub failovers: IntCounterVec,
+    /// Hedged requests by route and the provider that was slow.
+    pub hedges: IntCounterVec,
     /// Time to the first byte of the provider's body, by route and provider.
     pub ttft: HistogramVec,
     /// Messages evicted by context fitting, by route and provider.
@@ -51,6 +53,13 @@ impl LlmMetrics {
                 ),
                 &["route", "provider"],
             )?,
+            hedges: IntCounterVec::new(
+                Opts::new(
+                    "trimtab_llm_hedges_total",
+                    "Requests also sent to a second LLM provider because the first was slower than the route's p95 time to first token",
+                ),
+                &["route", "provider"],
+            )?,
             ttft: HistogramVec::new(
                 HistogramOpts::new(
                     "trimtab_llm_ttft_seconds",
@@ -75,6 +84,7 @@ impl LlmMetrics {
         metrics.register(Box::new(m.attempts.clone()))?;
         metrics.register(Box::new(m.requests.clone()))?;
         metrics.register(Box::new(m.failovers.clone()))?;
+        metrics.register(Box::new(m.hedges.clone()))?;
         metrics.register(Box::new(m.ttft.clone()))?;
         metrics.register(Box::new(m.evicted_messages.clone()))?;
         Ok(m)

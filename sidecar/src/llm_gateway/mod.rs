@@ -13,7 +13,9 @@
 //!    application, so a connect error, `firstByteTimeout`, 429, 5xx or 529 moves the
 //!    request to the next provider ([`Router::failover`], inside `maxAttempts` and the
 //!    failover budget); when every provider failed, the application gets one error in its
-//!    own dialect;
+//!    own dialect. With `failover.hedge`, a first attempt still silent after the route's
+//!    p95 time to first token is raced against a second provider; the first to answer
+//!    wins and the other is cancelled;
 //! 5. a stream is forwarded chunk by chunk through a [`StreamMapper`]; a whole answer is
 //!    translated once it is complete. Time to first byte, total time, rate-limit headers
 //!    and failures go back to the router.
@@ -339,6 +341,22 @@ struct View {
     total: u64,
 }
 
+/// What the dispatch loop does after an attempt.
+enum Step {
+    /// Answer the application with this.
+    Done(Result<Response<ProxyBody>, Failure>),
+    /// Try the next provider; this is why.
+    Next(Failure),
+}
+
+/// An attempt under way, with what its answer needs.
+struct Pending<F> {
+    provider: usize,
+    plan: Option<EvictionPlan>,
+    started: Instant,
+    attempt: F,
+}
+
 /// How one attempt at a provider ended before anything reached the application.
 enum Attempt {
     /// A stream whose first chunk arrived.
@@ -554,105 +572,212 @@ impl LlmGateway {
                     .inc_by(plan.evicted.len() as u64);
             }
             let started = Instant::now();
-            let attempt = self
-                .attempt(provider, body, request.stream(), beta, started)
-                .await;
-            match attempt {
-                Attempt::Failed {
-                    kind,
-                    message,
-                    outcome,
-                    failover,
-                    label,
-                } => {
-                    self.count_attempt(provider, label);
-                    lock(&self.router).record(provider, Instant::now(), outcome);
-                    tracing::info!(route = %self.id, provider = %name, %message, failover, "LLM provider attempt failed");
-                    let failure = (kind, format!("{name}: {message}"));
-                    if !failover {
-                        return Err(failure);
-                    }
-                    last = Some(failure);
+            let first = self.attempt(provider, body, request.stream(), beta, started);
+            let hedge_delay = lock(&self.router).hedge_delay();
+            let step = match hedge_delay {
+                None => {
+                    let attempt = first.await;
+                    self.conclude(&request, provider, plan, tried.len(), started, attempt)
                 }
-                Attempt::Whole {
-                    headers,
-                    body,
-                    ttft,
-                    total,
-                } => {
-                    self.observe_ttft(provider, ttft);
-                    self.observe_headers(provider, &headers);
-                    match self.whole_response(provider, &body) {
-                        Ok((bytes, output_tokens)) => {
-                            self.count_attempt(provider, "success");
-                            lock(&self.router).record(
-                                provider,
-                                Instant::now(),
-                                Outcome::Success {
-                                    ttft,
-                                    total,
-                                    output_tokens,
-                                },
-                            );
-                            let mut response = Response::new(full(bytes));
-                            self.decorate(
-                                &mut response,
-                                provider,
-                                plan.as_ref(),
-                                tried.len(),
-                                "application/json",
-                            );
-                            return Ok(response);
-                        }
-                        Err(message) => {
-                            // A 200 whose body is not the dialect's JSON: the provider is
-                            // broken, and nothing has reached the application yet.
-                            self.count_attempt(provider, "failed");
-                            lock(&self.router).record(provider, Instant::now(), Outcome::Failed);
-                            last = Some((ErrorKind::ServerError, format!("{name}: {message}")));
-                        }
-                    }
-                }
-                Attempt::Stream {
-                    headers,
-                    first,
-                    body,
-                    ttft,
-                } => {
-                    self.observe_ttft(provider, ttft);
-                    self.observe_headers(provider, &headers);
-                    let mapper = StreamMapper::new(
-                        self.upstreams[provider].spec.kind,
-                        self.app,
-                        request.model(),
-                        OpenAiStreamOptions {
-                            created: unix_now(),
-                            include_usage: request.include_usage(),
-                        },
-                    );
-                    let stream = StreamState {
-                        gateway: Arc::clone(self),
+                Some(delay) => {
+                    let first = Pending {
                         provider,
-                        mapper,
-                        first: Some(first),
-                        body,
+                        plan,
                         started,
-                        ttft,
-                        finished: false,
+                        attempt: first,
                     };
-                    let mut response = Response::new(stream.into_body());
-                    self.decorate(
-                        &mut response,
-                        provider,
-                        plan.as_ref(),
-                        tried.len(),
-                        "text/event-stream",
-                    );
-                    response
-                        .headers_mut()
-                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-                    return Ok(response);
+                    self.hedged(&request, &views, tokens, beta, &mut tried, first, delay)
+                        .await
                 }
+            };
+            match step {
+                Step::Done(result) => return result,
+                Step::Next(failure) => last = Some(failure),
+            }
+        }
+    }
+
+    /// Waits for `first`; if it has no first byte after `delay` (the route's p95 time to
+    /// first token), sends the request to a second provider too ([`Router::hedge`], paid
+    /// from the failover budget), keeps whichever answers first and cancels the other by
+    /// dropping it, which closes its connection.
+    #[allow(clippy::too_many_arguments)]
+    async fn hedged<F: Future<Output = Attempt>>(
+        self: &Arc<Self>,
+        request: &AppRequest,
+        views: &HashMap<fitting::Encoding, View>,
+        tokens: u64,
+        beta: Option<&HeaderValue>,
+        tried: &mut Vec<usize>,
+        first: Pending<F>,
+        delay: Duration,
+    ) -> Step {
+        let Pending {
+            provider: a,
+            plan: plan_a,
+            started: started_a,
+            attempt,
+        } = first;
+        let mut first = std::pin::pin!(attempt);
+        tokio::select! {
+            attempt = &mut first => {
+                return self.conclude(request, a, plan_a, tried.len(), started_a, attempt);
+            }
+            () = tokio::time::sleep(delay) => {}
+        }
+        let decision = lock(&self.router).hedge(Instant::now(), tried, tokens);
+        let Ok(decision) = decision else {
+            let attempt = first.await;
+            return self.conclude(request, a, plan_a, tried.len(), started_a, attempt);
+        };
+        let b = decision.provider;
+        let (body, plan_b) = match self.prepare(request, views, b) {
+            Ok(prepared) => prepared,
+            Err(_) => {
+                lock(&self.router).record(b, Instant::now(), Outcome::Rejected);
+                let attempt = first.await;
+                return self.conclude(request, a, plan_a, tried.len(), started_a, attempt);
+            }
+        };
+        tried.push(b);
+        self.metrics
+            .hedges
+            .with_label_values(&[self.id.as_str(), self.upstreams[a].spec.name.as_str()])
+            .inc();
+        let started_b = Instant::now();
+        let mut second = std::pin::pin!(self.attempt(b, body, request.stream(), beta, started_b));
+        // `Some` while the attempt is under way.
+        let (mut plan_a, mut plan_b) = (Some(plan_a), Some(plan_b));
+        loop {
+            let step = tokio::select! {
+                attempt = &mut first, if plan_a.is_some() => {
+                    let plan = plan_a.take().flatten();
+                    self.conclude(request, a, plan, tried.len(), started_a, attempt)
+                }
+                attempt = &mut second, if plan_b.is_some() => {
+                    let plan = plan_b.take().flatten();
+                    self.conclude(request, b, plan, tried.len(), started_b, attempt)
+                }
+            };
+            match step {
+                // The other attempt is dropped with this frame: cancelled.
+                Step::Done(result) => return Step::Done(result),
+                Step::Next(failure) if plan_a.is_none() && plan_b.is_none() => {
+                    return Step::Next(failure);
+                }
+                // Recorded by `conclude`; the other attempt may still answer.
+                Step::Next(_) => {}
+            }
+        }
+    }
+
+    /// What one finished attempt means for the request: an answer (or a final error) for
+    /// the application, or a failure after which the next provider is tried.
+    fn conclude(
+        self: &Arc<Self>,
+        request: &AppRequest,
+        provider: usize,
+        plan: Option<EvictionPlan>,
+        attempts: usize,
+        started: Instant,
+        attempt: Attempt,
+    ) -> Step {
+        let name = &self.upstreams[provider].spec.name;
+        match attempt {
+            Attempt::Failed {
+                kind,
+                message,
+                outcome,
+                failover,
+                label,
+            } => {
+                self.count_attempt(provider, label);
+                lock(&self.router).record(provider, Instant::now(), outcome);
+                tracing::info!(route = %self.id, provider = %name, %message, failover, "LLM provider attempt failed");
+                let failure = (kind, format!("{name}: {message}"));
+                if !failover {
+                    return Step::Done(Err(failure));
+                }
+                Step::Next(failure)
+            }
+            Attempt::Whole {
+                headers,
+                body,
+                ttft,
+                total,
+            } => {
+                self.observe_ttft(provider, ttft);
+                self.observe_headers(provider, &headers);
+                match self.whole_response(provider, &body) {
+                    Ok((bytes, output_tokens)) => {
+                        self.count_attempt(provider, "success");
+                        lock(&self.router).record(
+                            provider,
+                            Instant::now(),
+                            Outcome::Success {
+                                ttft,
+                                total,
+                                output_tokens,
+                            },
+                        );
+                        let mut response = Response::new(full(bytes));
+                        self.decorate(
+                            &mut response,
+                            provider,
+                            plan.as_ref(),
+                            attempts,
+                            "application/json",
+                        );
+                        Step::Done(Ok(response))
+                    }
+                    Err(message) => {
+                        // A 200 whose body is not the dialect's JSON: the provider is
+                        // broken, and nothing has reached the application yet.
+                        self.count_attempt(provider, "failed");
+                        lock(&self.router).record(provider, Instant::now(), Outcome::Failed);
+                        Step::Next((ErrorKind::ServerError, format!("{name}: {message}")))
+                    }
+                }
+            }
+            Attempt::Stream {
+                headers,
+                first,
+                body,
+                ttft,
+            } => {
+                self.observe_ttft(provider, ttft);
+                self.observe_headers(provider, &headers);
+                let mapper = StreamMapper::new(
+                    self.upstreams[provider].spec.kind,
+                    self.app,
+                    request.model(),
+                    OpenAiStreamOptions {
+                        created: unix_now(),
+                        include_usage: request.include_usage(),
+                    },
+                );
+                let stream = StreamState {
+                    gateway: Arc::clone(self),
+                    provider,
+                    mapper,
+                    first: Some(first),
+                    body,
+                    started,
+                    ttft,
+                    finished: false,
+                };
+                let mut response = Response::new(stream.into_body());
+                self.decorate(
+                    &mut response,
+                    provider,
+                    plan.as_ref(),
+                    attempts,
+                    "text/event-stream",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                Step::Done(Ok(response))
             }
         }
     }
