@@ -355,6 +355,40 @@ struct Pending<F> {
     plan: Option<EvictionPlan>,
     started: Instant,
     attempt: F,
+    probe: Probe,
+}
+
+/// A provider chosen by the router whose outcome is not recorded yet. Dropped unsettled
+/// — the application went away, or a hedge was won by the other provider — it records
+/// [`Outcome::Cancelled`], so a half-open circuit breaker does not wait forever for a
+/// verdict that will never come.
+struct Probe {
+    gateway: Arc<LlmGateway>,
+    provider: usize,
+    settled: bool,
+}
+
+impl Probe {
+    fn new(gateway: &Arc<LlmGateway>, provider: usize) -> Self {
+        Self {
+            gateway: Arc::clone(gateway),
+            provider,
+            settled: false,
+        }
+    }
+
+    /// The outcome was recorded elsewhere (or is left to the stream that carries it on).
+    fn settle(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if !self.settled {
+            lock(&self.gateway.router).record(self.provider, Instant::now(), Outcome::Cancelled);
+        }
+    }
 }
 
 /// How one attempt at a provider ended before anything reached the application.
@@ -554,6 +588,7 @@ impl LlmGateway {
                     .inc();
             }
             tried.push(provider);
+            let probe = Probe::new(self, provider);
             let name = self.upstreams[provider].spec.name.clone();
 
             // Fit and translate: a request that cannot be sent is the application's
@@ -562,6 +597,7 @@ impl LlmGateway {
                 Ok(prepared) => prepared,
                 Err(failure) => {
                     lock(&self.router).record(provider, Instant::now(), Outcome::Rejected);
+                    probe.settle();
                     return Err(failure);
                 }
             };
@@ -577,6 +613,7 @@ impl LlmGateway {
             let step = match hedge_delay {
                 None => {
                     let attempt = first.await;
+                    probe.settle();
                     self.conclude(&request, provider, plan, tried.len(), started, attempt)
                 }
                 Some(delay) => {
@@ -585,6 +622,7 @@ impl LlmGateway {
                         plan,
                         started,
                         attempt: first,
+                        probe,
                     };
                     self.hedged(&request, &views, tokens, beta, &mut tried, first, delay)
                         .await
@@ -617,10 +655,12 @@ impl LlmGateway {
             plan: plan_a,
             started: started_a,
             attempt,
+            probe: probe_a,
         } = first;
         let mut first = std::pin::pin!(attempt);
         tokio::select! {
             attempt = &mut first => {
+                probe_a.settle();
                 return self.conclude(request, a, plan_a, tried.len(), started_a, attempt);
             }
             () = tokio::time::sleep(delay) => {}
@@ -628,6 +668,7 @@ impl LlmGateway {
         let decision = lock(&self.router).hedge(Instant::now(), tried, tokens);
         let Ok(decision) = decision else {
             let attempt = first.await;
+            probe_a.settle();
             return self.conclude(request, a, plan_a, tried.len(), started_a, attempt);
         };
         let b = decision.provider;
@@ -636,9 +677,11 @@ impl LlmGateway {
             Err(_) => {
                 lock(&self.router).record(b, Instant::now(), Outcome::Rejected);
                 let attempt = first.await;
+                probe_a.settle();
                 return self.conclude(request, a, plan_a, tried.len(), started_a, attempt);
             }
         };
+        let probe_b = Probe::new(self, b);
         tried.push(b);
         self.metrics
             .hedges
@@ -646,16 +689,24 @@ impl LlmGateway {
             .inc();
         let started_b = Instant::now();
         let mut second = std::pin::pin!(self.attempt(b, body, request.stream(), beta, started_b));
-        // `Some` while the attempt is under way.
+        // `Some` while the attempt is under way; a probe left unsettled when the other
+        // attempt wins records the loser as cancelled.
         let (mut plan_a, mut plan_b) = (Some(plan_a), Some(plan_b));
+        let (mut probe_a, mut probe_b) = (Some(probe_a), Some(probe_b));
         loop {
             let step = tokio::select! {
                 attempt = &mut first, if plan_a.is_some() => {
                     let plan = plan_a.take().flatten();
+                    if let Some(probe) = probe_a.take() {
+                        probe.settle();
+                    }
                     self.conclude(request, a, plan, tried.len(), started_a, attempt)
                 }
                 attempt = &mut second, if plan_b.is_some() => {
                     let plan = plan_b.take().flatten();
+                    if let Some(probe) = probe_b.take() {
+                        probe.settle();
+                    }
                     self.conclude(request, b, plan, tried.len(), started_b, attempt)
                 }
             };
@@ -1208,7 +1259,8 @@ pub fn error_response(app: ProviderKind, kind: ErrorKind, message: &str) -> Resp
     response
 }
 
-/// A provider's stream on its way to the application.
+/// A provider's stream on its way to the application. Dropped before its end (the
+/// application went away), it records the attempt as cancelled.
 struct StreamState {
     gateway: Arc<LlmGateway>,
     provider: usize,
@@ -1278,6 +1330,7 @@ impl StreamState {
         StreamBody::new(frames).boxed_unsync()
     }
 
+    /// Records how the stream ended, once.
     fn end(&mut self, clean: bool) {
         if self.finished {
             return;
@@ -1297,5 +1350,14 @@ impl StreamState {
             }
         };
         lock(&gateway.router).record(self.provider, Instant::now(), outcome);
+    }
+}
+
+impl Drop for StreamState {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            lock(&self.gateway.router).record(self.provider, Instant::now(), Outcome::Cancelled);
+        }
     }
 }
