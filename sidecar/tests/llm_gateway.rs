@@ -1063,3 +1063,35 @@ async fn hedging_sends_a_slow_request_to_a_second_provider_and_keeps_the_first_a
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_provider_whose_key_cannot_be_read_is_skipped_and_named() {
+    let primary = MockProvider::start("primary", 0).await.unwrap();
+    let backup = MockProvider::start("backup", 0).await.unwrap();
+    let gw = gateway(
+        "openai",
+        &[
+            p("primary", "openai", &primary),
+            p("backup", "anthropic", &backup),
+        ],
+        PRIORITY,
+    )
+    .await;
+    let c = client();
+    std::fs::remove_file(gw.keys.path().join("primary")).unwrap();
+    let a = post(&c, gw.port, OPENAI_PATH, &[], openai_request(false, false)).await;
+    assert_eq!((a.status, a.provider()), (200, "backup"), "{}", a.body);
+    assert_eq!(primary.requests(), 0);
+
+    // A rotated key file is read again.
+    std::fs::remove_file(gw.keys.path().join("backup")).unwrap();
+    let a = post(&c, gw.port, OPENAI_PATH, &[], openai_request(false, false)).await;
+    assert_eq!(a.status, 401, "{}", a.body);
+    let message = a.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("apiKey.file: cannot read"), "{message}");
+    assert!(!message.contains(ANTHROPIC_KEY) && !message.contains(OPENAI_KEY));
+    std::fs::write(gw.keys.path().join("backup"), "sk-rotated").unwrap();
+    backup.update(|b| b.expected_key = Some("sk-rotated".into()));
+    let a = post(&c, gw.port, OPENAI_PATH, &[], openai_request(false, false)).await;
+    assert_eq!((a.status, a.provider()), (200, "backup"), "{}", a.body);
+}

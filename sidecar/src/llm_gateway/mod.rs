@@ -969,7 +969,8 @@ impl LlmGateway {
                 return Attempt::Failed {
                     kind: ErrorKind::Authentication,
                     message: e.to_string(),
-                    outcome: Outcome::Rejected,
+                    // Nothing was sent: no verdict on the provider's health.
+                    outcome: Outcome::Cancelled,
                     failover: true,
                     label: "no_key",
                 };

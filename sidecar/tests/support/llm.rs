@@ -33,7 +33,7 @@ pub fn p<'a>(name: &'a str, kind: &'a str, mock: &'a MockProvider) -> P<'a> {
 pub struct Gateway {
     pub port: u16,
     pub sidecar: Arc<Sidecar>,
-    _keys: tempfile::TempDir,
+    pub keys: tempfile::TempDir,
 }
 
 pub async fn gateway(app: &str, providers: &[P<'_>], extra: &str) -> Gateway {
@@ -70,7 +70,7 @@ pub async fn gateway(app: &str, providers: &[P<'_>], extra: &str) -> Gateway {
     Gateway {
         port,
         sidecar,
-        _keys: keys,
+        keys,
     }
 }
 
