@@ -678,6 +678,40 @@ pub struct ContextFitting {
     pub keep_last_turns: u32,
 }
 
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            strategy: RoutingStrategy::default(),
+            signal: LatencySignal::default(),
+            half_life: defaults::half_life(),
+            switch_margin: defaults::switch_margin(),
+            exploration: defaults::exploration(),
+        }
+    }
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Self {
+            failover_on: defaults::failover_on(),
+            max_attempts: defaults::failover_attempts(),
+            first_byte_timeout: defaults::first_byte_timeout(),
+            budget_percent: defaults::failover_budget_percent(),
+            hedge: false,
+        }
+    }
+}
+
+impl Default for ContextFitting {
+    fn default() -> Self {
+        Self {
+            strategy: FittingStrategy::default(),
+            reserve_output_tokens: defaults::reserve_output_tokens(),
+            keep_last_turns: defaults::keep_last_turns(),
+        }
+    }
+}
+
 /// Context-fitting strategies.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]

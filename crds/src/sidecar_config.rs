@@ -10,14 +10,21 @@
 //!
 //! The setting structs are the CRD's own ([`Retries`], [`OutlierDetection`], …): one
 //! place for each concept, so a field added to the CRD reaches the sidecar unchanged.
+//!
+//! A policy with `providers:` resolves to a route whose [`Route::llm`] carries the
+//! providers and the LLM settings with their defaults filled in; it also resolves
+//! without a cluster. API keys stay *sources* (a file, an environment variable) that the
+//! sidecar reads when it sends; only a key the operator read from a Secret travels as a
+//! value, in a [`SecretValue`] that never shows in `Debug` output, and that
+//! [`SidecarConfig::redacted`] blanks before the config is shown anywhere.
 
 use std::{collections::HashMap, net::Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
 use crate::balancer_policy::{
-    Algorithm, BalancerPolicy, EndpointState, HealthCheck, Limits, Listener, OutlierDetection,
-    Retries, Timeouts, Weighting,
+    Algorithm, BalancerPolicy, ContextFitting, EndpointState, Failover, HealthCheck, Limits,
+    Listener, ListenerProtocol, OutlierDetection, Provider, Retries, Routing, Timeouts, Weighting,
 };
 
 /// The largest weight an endpoint may carry (the CRD's `maxWeight` bound).
@@ -71,6 +78,80 @@ pub struct Route {
     /// Per-endpoint overload protection and slow start.
     #[serde(default)]
     pub limits: Limits,
+    /// The LLM gateway of a `providers:` policy (listener protocol `openai` or
+    /// `anthropic`); `None` for an HTTP route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmRoute>,
+}
+
+/// The largest number of providers one LLM route may list.
+pub const MAX_PROVIDERS: usize = 16;
+
+/// An LLM route resolved: its providers in policy order and every LLM setting with its
+/// defaults filled in.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmRoute {
+    /// The providers, in the policy's order (the order `priority` uses).
+    pub providers: Vec<LlmProvider>,
+    /// How a provider is chosen.
+    #[serde(default)]
+    pub routing: Routing,
+    /// When and how far a request moves to the next provider.
+    #[serde(default)]
+    pub failover: Failover,
+    /// How a conversation is made to fit the chosen model's window.
+    #[serde(default)]
+    pub context_fitting: ContextFitting,
+}
+
+/// One provider as the sidecar uses it: the CRD's [`Provider`] (its `apiKey` a source),
+/// plus the key itself when the operator read it from a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmProvider {
+    /// The provider as the policy declares it.
+    #[serde(flatten)]
+    pub provider: Provider,
+    /// The value of `apiKey.secretKeyRef`, filled by the operator; `None` in a local run,
+    /// where the sidecar falls back to `OPENAI_API_KEY` / `ANTHROPIC_API_KEY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key: Option<SecretValue>,
+}
+
+/// A secret (an API key). `Debug` and `Display` print `<redacted>`, so a key never
+/// reaches a log line by accident; it serializes as its value because the config
+/// server must carry it to the sidecar, and [`SidecarConfig::redacted`] blanks it
+/// before a config is shown.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretValue(String);
+
+/// What a redacted secret shows instead of its value.
+pub const REDACTED: &str = "<redacted>";
+
+impl SecretValue {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl std::fmt::Display for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
 }
 
 /// One backend of a route.
@@ -155,9 +236,9 @@ pub enum FromPolicyError {
     /// The policy has no name.
     #[error("metadata.name: a BalancerPolicy needs a name")]
     MissingName,
-    /// The policy names a Service or LLM providers, which only the operator resolves.
+    /// The policy names a Service, which only the operator resolves.
     #[error(
-        "{policy}: spec.endpoints is not set ({uses} is used instead); only static endpoints resolve without the operator"
+        "{policy}: spec.endpoints is not set ({uses} is used instead); only static endpoints and providers resolve without the operator"
     )]
     NotStatic { policy: String, uses: &'static str },
     /// The resolved route is invalid.
@@ -170,6 +251,20 @@ pub enum FromPolicyError {
 }
 
 impl SidecarConfig {
+    /// This config with every secret value replaced by [`REDACTED`]: what `/config`,
+    /// logs and `--print-config` show.
+    pub fn redacted(&self) -> Self {
+        let mut config = self.clone();
+        for route in &mut config.routes {
+            for provider in route.llm.iter_mut().flat_map(|l| l.providers.iter_mut()) {
+                if let Some(key) = &mut provider.secret_key {
+                    *key = SecretValue::new(REDACTED);
+                }
+            }
+        }
+        config
+    }
+
     /// Checks every route and the uniqueness of listener ports. The first problem found
     /// is returned, with its full field path.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -205,24 +300,28 @@ impl Route {
             .clone()
             .unwrap_or_else(|| "default".to_owned());
         let spec = &policy.spec;
-        let Some(addresses) = &spec.endpoints else {
-            let uses = if spec.service.is_some() {
-                "spec.service"
-            } else if spec.providers.is_some() {
-                "spec.providers"
-            } else {
-                "nothing"
-            };
-            return Err(FromPolicyError::NotStatic {
-                policy: format!("{namespace}/{name}"),
-                uses,
-            });
+        let route = match (&spec.endpoints, &spec.providers) {
+            (Some(addresses), _) => {
+                let endpoints = addresses
+                    .iter()
+                    .map(|a| Endpoint::new(a.0.clone()))
+                    .collect();
+                Self::resolved(policy, &namespace, endpoints)
+            }
+            // No Secret is read here: a local run takes keys from files and the
+            // environment (see `LlmProvider::secret_key`).
+            (None, Some(_)) => Self::resolved(policy, &namespace, Vec::new()),
+            (None, None) => {
+                return Err(FromPolicyError::NotStatic {
+                    policy: format!("{namespace}/{name}"),
+                    uses: if spec.service.is_some() {
+                        "spec.service"
+                    } else {
+                        "nothing"
+                    },
+                });
+            }
         };
-        let endpoints = addresses
-            .iter()
-            .map(|a| Endpoint::new(a.0.clone()))
-            .collect();
-        let route = Self::resolved(policy, &namespace, endpoints);
         route
             .validate_at("spec", 0)
             .map_err(|source| FromPolicyError::Invalid {
@@ -249,6 +348,18 @@ impl Route {
             retries: spec.retries.clone(),
             timeouts: spec.timeouts.clone(),
             limits: spec.limits.clone(),
+            llm: spec.providers.as_ref().map(|providers| LlmRoute {
+                providers: providers
+                    .iter()
+                    .map(|p| LlmProvider {
+                        provider: p.clone(),
+                        secret_key: None,
+                    })
+                    .collect(),
+                routing: spec.routing.clone().unwrap_or_default(),
+                failover: spec.failover.clone().unwrap_or_default(),
+                context_fitting: spec.context_fitting.clone().unwrap_or_default(),
+            }),
         }
     }
 
@@ -375,8 +486,169 @@ impl Route {
                 "1-1000000",
             ));
         }
+        let protocol = self.listener.protocol;
+        match &self.llm {
+            Some(llm) => {
+                if protocol == ListenerProtocol::Http {
+                    return Err(ConfigError::Inconsistent {
+                        path: format!("{path}.listener.protocol"),
+                        message: "an LLM route (providers) needs protocol openai or anthropic, the dialect the application speaks; got http".into(),
+                    });
+                }
+                if !self.endpoints.is_empty() {
+                    return Err(ConfigError::Inconsistent {
+                        path: format!("{path}.endpoints"),
+                        message: "an LLM route sends to its providers; endpoints must be empty"
+                            .into(),
+                    });
+                }
+                llm.validate_at(path)?;
+            }
+            None if protocol != ListenerProtocol::Http => {
+                return Err(ConfigError::Inconsistent {
+                    path: format!("{path}.listener.protocol"),
+                    message: format!(
+                        "{protocol:?} makes an LLM gateway, which needs providers; use http for endpoints"
+                    ),
+                });
+            }
+            None => {}
+        }
         Ok(())
     }
+}
+
+impl LlmRoute {
+    fn validate_at(&self, path: &str) -> Result<(), ConfigError> {
+        if self.providers.is_empty() || self.providers.len() > MAX_PROVIDERS {
+            return Err(out_of_range(
+                format!("{path}.providers"),
+                format!("{} providers", self.providers.len()),
+                &format!("1-{MAX_PROVIDERS} providers"),
+            ));
+        }
+        let reserve = self.context_fitting.reserve_output_tokens;
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (j, p) in self.providers.iter().map(|p| &p.provider).enumerate() {
+            let at = format!("{path}.providers[{j}]");
+            if p.name.is_empty() {
+                return Err(ConfigError::Empty {
+                    path: format!("{at}.name"),
+                });
+            }
+            if let Some(&first) = names.get(p.name.as_str()) {
+                return Err(ConfigError::Inconsistent {
+                    path: format!("{at}.name"),
+                    message: format!("{:?} is already providers[{first}]", p.name),
+                });
+            }
+            names.insert(&p.name, j);
+            if !is_http_url(&p.base_url) {
+                return Err(ConfigError::Inconsistent {
+                    path: format!("{at}.baseUrl"),
+                    message: format!(
+                        "{:?} is not an http:// or https:// URL with a host",
+                        p.base_url
+                    ),
+                });
+            }
+            if p.model.is_empty() {
+                return Err(ConfigError::Empty {
+                    path: format!("{at}.model"),
+                });
+            }
+            if !(1024..=100_000_000).contains(&p.context_window) {
+                return Err(out_of_range(
+                    format!("{at}.contextWindow"),
+                    p.context_window,
+                    "1024-100000000",
+                ));
+            }
+            if reserve >= p.context_window {
+                return Err(ConfigError::Inconsistent {
+                    path: format!("{path}.contextFitting.reserveOutputTokens"),
+                    message: format!(
+                        "{reserve} leaves no room for input in providers[{j}].contextWindow {}",
+                        p.context_window
+                    ),
+                });
+            }
+            if p.weight > MAX_ENDPOINT_WEIGHT {
+                return Err(out_of_range(
+                    format!("{at}.weight"),
+                    p.weight,
+                    &format!("0-{MAX_ENDPOINT_WEIGHT}"),
+                ));
+            }
+            if let Some(key) = &p.api_key {
+                let sources = [
+                    key.secret_key_ref.is_some(),
+                    key.file.as_deref().is_some_and(|f| !f.is_empty()),
+                    key.env.as_deref().is_some_and(|e| !e.is_empty()),
+                ];
+                if sources.iter().filter(|&&s| s).count() != 1 {
+                    return Err(ConfigError::Inconsistent {
+                        path: format!("{at}.apiKey"),
+                        message: "needs exactly one of secretKeyRef, file or env".into(),
+                    });
+                }
+            }
+        }
+        let r = &self.routing;
+        if r.half_life.get().is_zero() {
+            return Err(out_of_range(
+                format!("{path}.routing.halfLife"),
+                "0s",
+                "more than 0s",
+            ));
+        }
+        if !(0.0..=10.0).contains(&r.switch_margin) {
+            return Err(out_of_range(
+                format!("{path}.routing.switchMargin"),
+                r.switch_margin,
+                "0-10",
+            ));
+        }
+        if !(0.0..=0.5).contains(&r.exploration) {
+            return Err(out_of_range(
+                format!("{path}.routing.exploration"),
+                r.exploration,
+                "0-0.5",
+            ));
+        }
+        let f = &self.failover;
+        if !(1..=16).contains(&f.max_attempts) {
+            return Err(out_of_range(
+                format!("{path}.failover.maxAttempts"),
+                f.max_attempts,
+                "1-16",
+            ));
+        }
+        if f.first_byte_timeout.get().is_zero() {
+            return Err(out_of_range(
+                format!("{path}.failover.firstByteTimeout"),
+                "0s",
+                "more than 0s",
+            ));
+        }
+        if f.budget_percent > 100 {
+            return Err(out_of_range(
+                format!("{path}.failover.budgetPercent"),
+                f.budget_percent,
+                "0-100",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `url` is `http://` or `https://` followed by a host.
+fn is_http_url(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    rest.and_then(|r| r.split(['/', '?', '#']).next())
+        .is_some_and(|authority| !authority.is_empty() && !authority.contains(char::is_whitespace))
 }
 
 fn validate_weighting(w: &Weighting, at: &str) -> Result<(), ConfigError> {
@@ -499,9 +771,10 @@ pub struct EndpointLoad {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-    use crate::duration::Duration;
+    use crate::{balancer_policy::ApiKeySource, duration::Duration};
 
     fn route(name: &str, port: u16, endpoints: &[&str]) -> Route {
         Route {
@@ -519,6 +792,7 @@ mod tests {
             retries: Retries::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
+            llm: None,
         }
     }
 
@@ -717,5 +991,107 @@ spec:
         assert!(json.contains(r#""state":"Throttled""#), "{json}");
         let back: SidecarConfig = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, c);
+    }
+
+    const LLM_POLICY: &str = r#"
+apiVersion: trimtab.dev/v1alpha1
+kind: BalancerPolicy
+metadata: {name: llm, namespace: assistant}
+spec:
+  clients: {podSelector: {matchLabels: {app: assistant}}}
+  listener: {port: 15100, protocol: openai}
+  providers:
+  - {name: openai, type: openai, baseUrl: "https://api.openai.com/v1", model: gpt-4.1, contextWindow: 1047576,
+     apiKey: {secretKeyRef: {name: llm-keys, key: openai}}}
+  - {name: anthropic, type: anthropic, baseUrl: "https://api.anthropic.com", model: claude-sonnet-4-5,
+     modelAliases: {gpt-4.1: claude-sonnet-4-5}, contextWindow: 200000, apiKey: {file: /keys/anthropic}}
+  routing: {switchMargin: 0.3}
+"#;
+
+    fn llm_route() -> Route {
+        let policy: BalancerPolicy = serde_yaml_ng::from_str(LLM_POLICY).unwrap();
+        Route::from_policy(&policy).unwrap()
+    }
+
+    #[test]
+    fn resolves_a_providers_policy_locally_with_llm_defaults() {
+        let route = llm_route();
+        assert!(route.endpoints.is_empty());
+        let llm = route.llm.unwrap();
+        assert_eq!(llm.providers.len(), 2);
+        assert_eq!(
+            llm.providers[1].provider.model_aliases["gpt-4.1"],
+            "claude-sonnet-4-5"
+        );
+        assert_eq!(llm.providers[0].secret_key, None);
+        assert_eq!(llm.routing.switch_margin, 0.3);
+        assert_eq!(llm.routing.half_life, Duration::from_secs(30));
+        assert_eq!(llm.failover, Failover::default());
+        assert_eq!(llm.failover.max_attempts, 3);
+        assert_eq!(llm.context_fitting.reserve_output_tokens, 4096);
+    }
+
+    #[test]
+    fn refuses_an_llm_route_on_an_http_listener() {
+        let mut route = llm_route();
+        route.listener.protocol = ListenerProtocol::Http;
+        assert_eq!(
+            config(vec![route]).validate().unwrap_err().to_string(),
+            "routes[0].listener.protocol: an LLM route (providers) needs protocol openai or anthropic, the dialect the application speaks; got http"
+        );
+    }
+
+    #[test]
+    fn names_the_field_path_of_a_bad_provider() {
+        let mut route = llm_route();
+        route.llm.as_mut().unwrap().providers[1].provider.base_url = "ftp://x".into();
+        assert_eq!(
+            config(vec![route.clone()])
+                .validate()
+                .unwrap_err()
+                .to_string(),
+            "routes[0].providers[1].baseUrl: \"ftp://x\" is not an http:// or https:// URL with a host"
+        );
+        let llm = route.llm.as_mut().unwrap();
+        llm.providers[1].provider.base_url = "http://127.0.0.1:1".into();
+        llm.providers[1].provider.api_key = Some(ApiKeySource {
+            secret_key_ref: None,
+            file: Some("/k".into()),
+            env: Some("K".into()),
+        });
+        assert_eq!(
+            config(vec![route.clone()])
+                .validate()
+                .unwrap_err()
+                .to_string(),
+            "routes[0].providers[1].apiKey: needs exactly one of secretKeyRef, file or env"
+        );
+        let llm = route.llm.as_mut().unwrap();
+        llm.providers[1].provider.api_key = None;
+        llm.context_fitting.reserve_output_tokens = 300_000;
+        assert!(
+            config(vec![route])
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("routes[0].contextFitting.reserveOutputTokens: 300000 leaves no room")
+        );
+    }
+
+    #[test]
+    fn secret_keys_never_show_in_debug_or_the_redacted_config() {
+        let mut route = llm_route();
+        route.llm.as_mut().unwrap().providers[0].secret_key = Some(SecretValue::new("sk-live-123"));
+        let config = config(vec![route]);
+        assert!(!format!("{config:?}").contains("sk-live-123"));
+        let shown = serde_json::to_string(&config.redacted()).unwrap();
+        assert!(!shown.contains("sk-live-123"));
+        assert!(shown.contains(REDACTED));
+        // The wire form carries the key to the sidecar, and reads back the same.
+        let wire = serde_json::to_string(&config).unwrap();
+        assert_eq!(
+            serde_json::from_str::<SidecarConfig>(&wire).unwrap(),
+            config
+        );
     }
 }

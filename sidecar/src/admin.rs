@@ -13,7 +13,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::net::TcpListener;
-use trimtab_api::balancer_policy::EndpointState;
+use trimtab_api::{balancer_policy::EndpointState, sidecar_config::SidecarConfig};
 
 use crate::{balancer::weights::balance_score, route::now_ms, sidecar::Shared};
 
@@ -61,7 +61,9 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         "/config" => {
             let snapshot = shared.snapshot();
-            match serde_json::to_vec_pretty(&snapshot.config) {
+            // Keys the operator read from Secrets are blanked: `/config` shows sources only.
+            let shown = snapshot.config.as_ref().map(SidecarConfig::redacted);
+            match serde_json::to_vec_pretty(&shown) {
                 Ok(json) => with_type(
                     Response::new(Full::new(Bytes::from(json))),
                     "application/json",

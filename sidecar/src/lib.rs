@@ -17,6 +17,7 @@ pub mod forward;
 pub mod health;
 pub mod http_client;
 pub mod llm;
+pub mod llm_gateway;
 pub mod metrics;
 pub mod outlier;
 pub mod retry;

@@ -144,6 +144,15 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Registers another family (the LLM gateway's) in the same registry, so `/metrics`
+    /// shows it.
+    pub fn register(
+        &self,
+        collector: Box<dyn prometheus::core::Collector>,
+    ) -> Result<(), MetricsError> {
+        Ok(self.registry.register(collector)?)
+    }
+
     /// The text exposition format of every metric.
     pub fn encode(&self) -> Result<String, MetricsError> {
         let mut out = Vec::new();

@@ -506,6 +506,7 @@ mod tests {
                 slow_start: ApiDuration::from_secs(60),
                 ..Limits::default()
             },
+            llm: None,
         }
     }
 

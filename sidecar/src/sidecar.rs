@@ -6,6 +6,10 @@
 //! Listeners whose port stays keep their socket; requests already in flight finish on
 //! the route generation they started on; listeners whose route is gone stop accepting
 //! and let their open connections finish (graceful shutdown).
+//!
+//! A route whose listener speaks `openai` or `anthropic` is served by the
+//! [`llm_gateway`](crate::llm_gateway) instead of the HTTP proxy; the choice is made
+//! per request, from the snapshot, so a reload can turn a port from one into the other.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -25,16 +29,14 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{net::TcpListener, sync::watch};
-use trimtab_api::{
-    balancer_policy::ListenerProtocol,
-    sidecar_config::{ConfigError, SidecarConfig},
-};
+use trimtab_api::sidecar_config::{ConfigError, SidecarConfig};
 
 use crate::{
     config_source::StateDir,
     forward::{self, HttpClient},
     health,
-    metrics::Metrics,
+    llm_gateway::{self, GatewayError, LlmGateway, LlmMetrics, ProviderClient},
+    metrics::{Metrics, MetricsError},
     route::RouteRuntime,
 };
 
@@ -45,6 +47,8 @@ pub struct Snapshot {
     pub config: Option<SidecarConfig>,
     /// Routes by listener port.
     pub routes: HashMap<u16, Arc<RouteRuntime>>,
+    /// The LLM gateways by listener port (routes with providers).
+    pub llm: HashMap<u16, Arc<LlmGateway>>,
 }
 
 /// State shared by every listener and the admin server.
@@ -93,16 +97,17 @@ pub enum ApplyError {
     /// It failed validation.
     #[error(transparent)]
     Invalid(#[from] ConfigError),
-    /// A dialect this sidecar does not serve.
-    #[error(
-        "routes[{index}].listener.protocol: {protocol:?} is not served by this sidecar; expected http"
-    )]
-    Protocol {
+    /// An LLM route cannot be set up.
+    #[error("routes[{index}]: {source}")]
+    Gateway {
         /// Index of the route.
         index: usize,
-        /// The dialect asked for.
-        protocol: ListenerProtocol,
+        /// Why.
+        source: GatewayError,
     },
+    /// The LLM gateway's metrics cannot be registered.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// A new listener port could not be bound.
     #[error("routes[{index}].listener.port: cannot listen on {address}: {source}")]
     Bind {
@@ -132,6 +137,8 @@ struct ListenerHandle {
 struct Reloading {
     listeners: HashMap<u16, ListenerHandle>,
     clients: HashMap<Duration, HttpClient>,
+    provider_clients: HashMap<Duration, ProviderClient>,
+    llm_metrics: Option<LlmMetrics>,
 }
 
 /// The running sidecar.
@@ -227,14 +234,6 @@ impl Sidecar {
 
     async fn try_apply(&self, config: SidecarConfig) -> Result<(), ApplyError> {
         config.validate()?;
-        for (index, route) in config.routes.iter().enumerate() {
-            if route.listener.protocol != ListenerProtocol::Http {
-                return Err(ApplyError::Protocol {
-                    index,
-                    protocol: route.listener.protocol,
-                });
-            }
-        }
         let mut reloading = self.reloading.lock().await;
         let running = self.version();
         if config.version < running {
@@ -263,6 +262,40 @@ impl Sidecar {
 
         let old = self.shared.snapshot.load_full();
         let metrics = &self.shared.metrics;
+        let mut llm = HashMap::new();
+        for (index, route) in config.routes.iter().enumerate() {
+            if route.llm.is_none() {
+                continue;
+            }
+            let llm_metrics = match &reloading.llm_metrics {
+                Some(m) => m.clone(),
+                None => {
+                    let m = LlmMetrics::register(metrics)?;
+                    reloading.llm_metrics = Some(m.clone());
+                    m
+                }
+            };
+            let connect = route.timeouts.connect.get();
+            let client = match reloading.provider_clients.get(&connect) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = llm_gateway::provider_client(connect)
+                        .map_err(|source| ApplyError::Gateway { index, source })?;
+                    reloading.provider_clients.insert(connect, c.clone());
+                    c
+                }
+            };
+            let previous = old.llm.get(&route.listener.port).map(|g| &**g);
+            let gateway = LlmGateway::build(
+                route,
+                previous,
+                client,
+                llm_metrics,
+                self.options.max_request_body,
+            )
+            .map_err(|source| ApplyError::Gateway { index, source })?;
+            llm.insert(route.listener.port, Arc::new(gateway));
+        }
         let mut routes = HashMap::new();
         for route in &config.routes {
             let connect = route.timeouts.connect.get();
@@ -285,6 +318,7 @@ impl Sidecar {
         self.shared.snapshot.store(Arc::new(Snapshot {
             config: Some(config),
             routes: routes.clone(),
+            llm,
         }));
         self.version.store(version, Ordering::Relaxed);
         metrics
@@ -377,7 +411,16 @@ async fn accept(
         tokio::spawn(async move {
             let client = Arc::new(forward::Peer::new(peer));
             let service = service_fn(move |req| {
-                forward::serve(Arc::clone(&shared), port, Arc::clone(&client), req)
+                let shared = Arc::clone(&shared);
+                let client = Arc::clone(&client);
+                async move {
+                    // An LLM listener or an HTTP one, by the config of this request.
+                    let gateway = shared.snapshot.load().llm.get(&port).cloned();
+                    match gateway {
+                        Some(gateway) => llm_gateway::serve(gateway, req).await,
+                        None => forward::serve(shared, port, client, req).await,
+                    }
+                }
             });
             let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(connection);

@@ -529,6 +529,10 @@ pub enum Outcome {
     Failed,
     /// The request itself was bad (4xx other than 429): says nothing about the provider.
     Rejected,
+    /// The attempt was abandoned before it said anything about the provider (the
+    /// application went away, or a hedge was won by the other provider). A half-open
+    /// probe is released, so that a later request can probe instead.
+    Cancelled,
 }
 
 /// Why a provider was chosen.
@@ -890,6 +894,18 @@ impl Router {
             Outcome::Rejected => {
                 if matches!(p.breaker.state, BreakerState::HalfOpen { .. }) {
                     p.breaker.on_success();
+                }
+            }
+            Outcome::Cancelled => {
+                if let BreakerState::HalfOpen {
+                    probes_in_flight,
+                    trips,
+                } = p.breaker.state
+                {
+                    p.breaker.state = BreakerState::HalfOpen {
+                        probes_in_flight: probes_in_flight.saturating_sub(1),
+                        trips,
+                    };
                 }
             }
         }
@@ -1261,6 +1277,9 @@ mod tests {
             })
         ));
         assert_eq!(r.choose(t1, 0.5, 1).unwrap().provider, 1);
+        // A cancelled probe frees its slot without a verdict: the next request probes.
+        r.record(0, t1, Outcome::Cancelled);
+        assert_eq!(r.choose(t1, 0.5, 1).unwrap().provider, 0);
         // The probe fails: open again, twice as long.
         r.record(0, t1, Outcome::Failed);
         assert_eq!(

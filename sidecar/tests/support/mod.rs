@@ -2,6 +2,8 @@
 //! loop is bounded in count and time.
 #![allow(dead_code, clippy::unwrap_used, missing_debug_implementations)]
 
+pub mod llm;
+
 use std::{
     net::SocketAddr,
     sync::{
@@ -220,6 +222,7 @@ pub fn route(name: &str, port: u16, algorithm: Algorithm, backends: &[&Backend])
         },
         timeouts: Timeouts::default(),
         limits: Limits::default(),
+        llm: None,
     }
 }
 
