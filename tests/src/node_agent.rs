@@ -17,7 +17,8 @@
 //!   as a path or a program on `PATH`. Each container runs in its own directory under the
 //!   agent's work directory. `configMap` and `secret` volumes are written there (under
 //!   their `mountPath`), and a command-line argument or env value that starts with a
-//!   `mountPath` is pointed at that copy; other volumes are not supported.
+//!   `mountPath` is pointed at that copy; any other volume (emptyDir, the projected
+//!   service-account token) is an empty directory.
 //! - No restarts: every `restartPolicy` behaves as `Never`, which is what Indexed Jobs of
 //!   bot runners use.
 //! - Networking is the host's: processes bind and connect on loopback, and the Pod's IP
@@ -446,9 +447,9 @@ impl Agent {
                     .map(|(k, v)| (k, v.0))
                     .collect()
             } else {
-                return Err(format!(
-                    "{field}: only configMap and secret volumes are supported"
-                ));
+                // emptyDir, and the projected service-account token the admission plugin
+                // adds to every Pod that does not opt out: an empty directory.
+                BTreeMap::new()
             };
             let copy = dir.join(mount.mount_path.trim_start_matches('/'));
             std::fs::create_dir_all(&copy).map_err(|e| format!("{field}: {e}"))?;

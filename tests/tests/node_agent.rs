@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::{batch::v1::Job, core::v1::Pod};
 use kube::{
     Api,
     api::{Patch, PatchParams},
@@ -50,11 +50,21 @@ async fn wait_for(jobs: &Api<Job>, name: &str, kind: &str) -> Job {
         if done {
             return job;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {name} not {kind} within 90 s: {:?}",
-            job.status
-        );
+        if tokio::time::Instant::now() >= deadline {
+            let pods = Api::<Pod>::namespaced(jobs.clone().into_client(), NAMESPACE)
+                .list(&Default::default())
+                .await
+                .expect("pods");
+            let pods: Vec<_> = pods
+                .items
+                .iter()
+                .map(|p| (&p.metadata.name, &p.status))
+                .collect();
+            panic!(
+                "job {name} not {kind} within 90 s: {:?}\npods: {pods:#?}",
+                job.status
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -85,7 +95,7 @@ async fn indexed_jobs_run_as_local_processes_and_complete_or_fail() {
     let status = done.status.expect("status");
     assert_eq!(status.succeeded, Some(3), "{status:?}");
     assert_eq!(status.completed_indexes.as_deref(), Some("0-2"));
-    let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client(), NAMESPACE)
+    let pods = Api::<Pod>::namespaced(cluster.client(), NAMESPACE)
         .list(&Default::default())
         .await
         .expect("pods");
