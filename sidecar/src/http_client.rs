@@ -26,3 +26,16 @@ where
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .build(connector)
 }
+
+/// An HTTP client error and its causes, `: `-joined: hyper's top-level message alone
+/// ("client error (Connect)") does not say what went wrong.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

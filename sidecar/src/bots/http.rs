@@ -109,12 +109,12 @@ pub async fn send(
             if e.is_connect() {
                 SendError::Connect {
                     uri: uri_text.clone(),
-                    message: error_chain(&e),
+                    message: crate::http_client::error_chain(&e),
                 }
             } else {
                 SendError::Transport {
                     uri: uri_text.clone(),
-                    message: error_chain(&e),
+                    message: crate::http_client::error_chain(&e),
                 }
             }
         })?;
@@ -140,16 +140,4 @@ pub async fn send(
             timeout,
         }),
     }
-}
-
-/// The error and its causes, `: `-joined (hyper's top-level message alone is vague).
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

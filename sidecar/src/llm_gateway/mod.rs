@@ -56,7 +56,7 @@ use trimtab_api::{
 
 use crate::{
     forward::{BoxError, ProxyBody},
-    http_client::POOL_IDLE_TIMEOUT,
+    http_client::{POOL_IDLE_TIMEOUT, error_chain},
     llm::{
         anthropic as an,
         decode::decode,
@@ -1192,17 +1192,6 @@ fn all_failed(no: NoProvider, last: Option<Failure>, tried: usize) -> Failure {
 
 fn humanize(d: Duration) -> String {
     format!("{}ms", d.as_millis())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// `Retry-After` as seconds or an HTTP date (RFC 9110 §10.2.3).
