@@ -620,10 +620,11 @@ async fn traffic_follows_a_5x_ttft_degradation_and_comes_back_without_flapping()
     let gw = gateway(
         "openai",
         &[p("primary", "openai", &primary), p("other", "anthropic", &other)],
-        // 2% exploration keeps the other estimate fresh (the way back depends on it)
-        // while the ≥ 90% checks below stay far from chance: with 60 requests, more
-        // than 6 explorations happen with probability 0.0003.
-        "  routing: {strategy: lowestLatency, signal: ttft, halfLife: 1s, switchMargin: 0.2, exploration: 0.02}\n",
+        // 5% exploration keeps the unused provider's estimate fresh: the move and the way
+        // back both depend on it (at 2% a stale estimate held traffic past 10 s on a busy
+        // machine). The ≥ 90% checks below count 100 requests, so more than 10
+        // explorations among them is a ~1% chance, not the ~5% of 40.
+        "  routing: {strategy: lowestLatency, signal: ttft, halfLife: 1s, switchMargin: 0.2, exploration: 0.05}\n",
     )
     .await;
     primary.update(|b| b.ttft_ms = 20);
@@ -631,7 +632,7 @@ async fn traffic_follows_a_5x_ttft_degradation_and_comes_back_without_flapping()
     let c = client();
 
     // Sends requests until 18 of the last 20 went to `to` (at most `limit`); returns
-    // how long that took and the providers of the next 60 requests.
+    // how long that took and the providers of the next 100 requests.
     async fn until_moved(
         c: &TestClient,
         port: u16,
@@ -651,7 +652,7 @@ async fn traffic_follows_a_5x_ttft_degradation_and_comes_back_without_flapping()
         }
         let moved_after = started.elapsed();
         let mut next = Vec::new();
-        for _ in 0..60 {
+        for _ in 0..100 {
             let a = post(c, port, OPENAI_PATH, &[], openai_request(false, false)).await;
             next.push(a.provider().to_owned());
         }
