@@ -172,8 +172,7 @@ pub fn progress(job: Option<&Job>, parallelism: u32) -> Progress {
             .flatten()
             .find(|c| c.type_ == kind && c.status == "True")
     };
-    let (phase, reason, message) = if let Some(c) = condition("Complete") {
-        let _ = c;
+    let (phase, reason, message) = if condition("Complete").is_some() {
         (
             Phase::Succeeded,
             "RunnersSucceeded",
