@@ -8,8 +8,11 @@
 
 pub mod balancer_policy;
 pub mod duration;
+pub mod guard;
 pub mod load_test;
+pub mod results;
 pub mod retry_on;
+pub mod runner_protocol;
 mod schema;
 pub mod sidecar_config;
 

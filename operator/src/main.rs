@@ -27,7 +27,7 @@ use trimtab_operator::{
     },
     index::PolicyIndex,
     leader::{self, Leadership},
-    load_test,
+    load_test::{self, runs::Runs, token::TokenKey},
     metrics::Metrics,
     sidecar_counts::Replica,
     tls_secret::{TlsSecret, issue},
@@ -110,6 +110,14 @@ struct Args {
     /// Name of this replica in Events (the pod name in a cluster).
     #[arg(long, env = "TRIMTAB_POD_NAME", default_value = "trimtab-operator")]
     instance: String,
+    /// The Secret (in --namespace) holding the key LoadTest runner tokens are derived
+    /// from; created when absent.
+    #[arg(
+        long,
+        env = "TRIMTAB_LOADTEST_KEY_SECRET",
+        default_value = "trimtab-loadtest-key"
+    )]
+    loadtest_key_secret: String,
     /// Namespace of the leader-election Lease (the operator's own namespace).
     #[arg(long, env = "TRIMTAB_NAMESPACE", default_value = "trimtab-system")]
     namespace: String,
@@ -212,6 +220,15 @@ async fn main() -> anyhow::Result<()> {
         (None, None, None) => tls.self_signed_pem.clone().unwrap_or_default(),
     };
     let (ca_sender, ca) = watch::channel(ca_pem.clone());
+    // Where injected sidecars and LoadTest runners reach this operator.
+    let control_plane_url = args.control_plane_url.clone().unwrap_or_else(|| {
+        format!(
+            "https://{}.{}.svc:{}",
+            args.service_name,
+            args.namespace,
+            args.config_addr.port()
+        )
+    });
     let injector = match &args.sidecar_image {
         None => None,
         Some(image) => Some(
@@ -221,15 +238,8 @@ async fn main() -> anyhow::Result<()> {
                     image_pull_policy: args.sidecar_image_pull_policy.clone(),
                     resources: sidecar_resources,
                     log_level: args.sidecar_log.clone(),
-                    control_plane_url: args.control_plane_url.clone().unwrap_or_else(|| {
-                        format!(
-                            "https://{}.{}.svc:{}",
-                            args.service_name,
-                            args.namespace,
-                            args.config_addr.port()
-                        )
-                    }),
-                    ca_pem,
+                    control_plane_url: control_plane_url.clone(),
+                    ca_pem: ca_pem.clone(),
                     token_audience: TOKEN_AUDIENCE.into(),
                     admin_port: args.sidecar_admin_port,
                     version: env!("CARGO_PKG_VERSION").into(),
@@ -250,7 +260,13 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
+    let key_secrets = Api::<Secret>::namespaced(client.clone(), &args.namespace);
+    let token_key = TokenKey::ensure(&key_secrets, &args.loadtest_key_secret)
+        .await
+        .with_context(|| format!("TRIMTAB_LOADTEST_KEY_SECRET {}", args.namespace))?;
+    let runs = Runs::new(token_key);
     let state = Arc::new(ServerState {
+        runs: runs.clone(),
         index: wiring.index.clone(),
         auth: Authenticator::new(client.clone()),
         pods,
@@ -319,9 +335,11 @@ async fn main() -> anyhow::Result<()> {
             args.ca_bundle_check_interval.get(),
         ));
     }
-    let runner_image = load_test::RunnerImage {
+    let runner_settings = load_test::RunnerSettings {
         image: args.sidecar_image.clone(),
         pull_policy: args.sidecar_image_pull_policy.clone(),
+        control_plane_url,
+        ca_pem,
     };
     // Both controllers stop on the shutdown signal.
     tokio::join!(
@@ -334,7 +352,8 @@ async fn main() -> anyhow::Result<()> {
         ),
         load_test::run(
             client,
-            runner_image,
+            runner_settings,
+            runs,
             metrics.controller("loadtest"),
             reporter,
             leadership,

@@ -270,7 +270,30 @@ pub fn kept_etag(version: u64) -> String {
     format!("\"trimtab-kept-v{version}\"")
 }
 
-type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// An HTTPS client of the operator.
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A pooled HTTPS client (HTTP/1.1 or h2) that trusts `anchors`, for the operator's
+/// endpoints: the config server here, the LoadTest runner endpoint in the bots.
+pub fn https_client(
+    anchors: &TrustAnchors,
+    connect_timeout: Duration,
+) -> Result<HttpsClient, ControlPlaneError> {
+    let tls = tls_config(anchors)?;
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(https))
+}
 
 /// The CA certificates that may sign the config server's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,20 +344,7 @@ impl ControlPlane {
         metrics: Metrics,
     ) -> Result<Self, ControlPlaneError> {
         let base = base_url(url)?;
-        let tls = tls_config(anchors)?;
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(timing.connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let https = HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(https);
+        let client = https_client(anchors, timing.connect_timeout)?;
         Ok(Self {
             base,
             token_file,
@@ -768,8 +778,9 @@ pub fn parse_config(body: &[u8]) -> Result<SidecarConfig, serde_json::Error> {
     serde_json::from_slice(body)
 }
 
-/// `url` checked and reduced to the base that request paths are appended to.
-fn base_url(url: &str) -> Result<String, ControlPlaneError> {
+/// `url` checked and reduced to the base that request paths are appended to
+/// (`https://host:port[/prefix]`, without a trailing slash).
+pub fn base_url(url: &str) -> Result<String, ControlPlaneError> {
     let url_error = |reason: &str| ControlPlaneError::Url {
         url: url.to_owned(),
         reason: reason.to_owned(),

@@ -349,8 +349,8 @@ const CASES: &[Case] = &[
             );
             let role = only(objects, "Role");
             assert!(
-                !role.to_string().contains("secrets"),
-                "with cert-manager the operator needs no Secret rights: {role}"
+                !role.to_string().contains("trimtab-operator-tls"),
+                "with cert-manager the operator needs no rights on a TLS Secret: {role}"
             );
         },
     },
@@ -1219,6 +1219,20 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         )
         .await
         .expect("and rotate it with server-side apply");
+    // The key runner tokens are derived from: made by the first replica, read by all.
+    let key = trimtab_operator::load_test::token::TokenKey::ensure(
+        &secrets,
+        "trimtab-operator-loadtest-key",
+    )
+    .await
+    .expect("the operator may create its token key");
+    let again = trimtab_operator::load_test::token::TokenKey::ensure(
+        &secrets,
+        "trimtab-operator-loadtest-key",
+    )
+    .await
+    .expect("and read it");
+    assert_eq!(key.token("uid"), again.token("uid"));
     let webhooks = Api::<MutatingWebhookConfiguration>::all(operator.clone());
     webhooks
         .get(WEBHOOK)
@@ -1252,6 +1266,8 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         ("patch", "jobs.batch", Some(shop)),
         ("delete", "jobs.batch", Some(shop)),
         ("patch", "configmaps", Some(shop)),
+        ("create", "secrets", Some(shop)),
+        ("get", "secrets/trimtab-operator-loadtest-key", Some(NS)),
     ] {
         assert!(
             operator_can(&cluster, verb, resource, namespace),
@@ -1278,6 +1294,9 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         ("delete", "endpointslices.discovery.k8s.io", Some(shop)),
         ("list", "secrets", Some(NS)),
         ("get", "secrets", Some(shop)),
+        ("patch", "secrets", Some(shop)),
+        ("get", "secrets/other-runner-token", Some(shop)),
+        ("patch", "secrets/trimtab-operator-loadtest-key", Some(NS)),
         ("get", "secrets/other", Some(NS)),
         ("delete", "secrets/trimtab-operator-tls", Some(NS)),
         ("list", "secrets", None),

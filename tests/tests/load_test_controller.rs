@@ -1,21 +1,34 @@
 //! The LoadTest controller end to end: the real operator process makes the scenario
-//! ConfigMap and the Indexed Job, the real Job controller (kube-controller-manager)
-//! makes the Pods, the test node agent runs them as `trimtab-bots` processes against the
-//! shop example on loopback, and the test's status follows to Succeeded — or to Failed
-//! when a runner refuses a broken scenario.
+//! ConfigMap, the token Secret and the Indexed Job, the real Job controller
+//! (kube-controller-manager) makes the Pods, and the test node agent runs them as
+//! `trimtab-bots` processes against the shop example on loopback. The runners register
+//! with the operator, start together and report; the test checks the merged status and
+//! report against the runners' own results, the invariant violations of the oversell
+//! bug, a refused runner token, a broken scenario, and a criticalLoad abort proven by
+//! the shop's own request counter.
 
-use std::{collections::BTreeMap, process::Stdio, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use k8s_openapi::api::{
     batch::v1::Job,
-    core::v1::{ConfigMap, Event},
+    core::v1::{ConfigMap, Event, Secret},
 };
 use kube::{
     Api,
     api::{ListParams, Patch, PatchParams},
 };
 use serde_json::json;
-use trimtab_api::load_test::{LoadTest, Phase};
+use trimtab_api::{
+    load_test::{LoadTest, Phase},
+    results::{Results, human},
+};
 use trimtab_tests::{
     cluster::TestCluster,
     crds,
@@ -25,26 +38,52 @@ use trimtab_tests::{
 
 const NAMESPACE: &str = "load";
 
-fn load_test(name: &str, target: &str, check: &str) -> serde_json::Value {
-    json!({
+fn load_test(name: &str, target: &str, spec: serde_json::Value) -> serde_json::Value {
+    let mut test = json!({
         "apiVersion": "trimtab.dev/v1alpha1",
         "kind": "LoadTest",
         "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {
             "target": {"url": target},
-            "workload": {"users": 4, "duration": "2s"},
+            "workload": {"users": 4, "duration": "3s"},
             "runners": {"parallelism": 2, "image": "example.invalid/trimtab-sidecar:test"},
-            "scenario": {
-                "start": "health",
-                "thinkTime": {"distribution": "constant", "mean": "100ms"},
-                "states": [{
-                    "name": "health",
-                    "request": {"method": "GET", "path": "/healthz"},
-                    "checks": [check],
-                    "next": [{"state": "health", "weight": 1}],
-                }],
-            },
         },
+    });
+    if let (Some(base), Some(extra)) = (test["spec"].as_object_mut(), spec.as_object()) {
+        base.extend(extra.clone());
+    }
+    test
+}
+
+/// One state that GETs `path` again and again, checking `check`.
+fn looping(path: &str, check: &str, think: &str) -> serde_json::Value {
+    json!({
+        "start": "get",
+        "thinkTime": {"distribution": "constant", "mean": think},
+        "states": [{
+            "name": "get",
+            "request": {"method": "GET", "path": path},
+            "checks": [check],
+            "next": [{"state": "get", "weight": 1}],
+        }],
+    })
+}
+
+/// Everyone buys the first product of page 1 at once: the oversell bug's race.
+fn flash_sale() -> serde_json::Value {
+    json!({
+        "start": "login",
+        "thinkTime": {"distribution": "constant", "mean": "5ms"},
+        "states": [
+            {"name": "login", "request": {"method": "POST", "path": "/api/login", "json": {"user": "bot-{{ user.id }}"}},
+             "extract": {"token": "$.token"}, "next": [{"state": "browse", "weight": 1}]},
+            {"name": "browse", "request": {"path": "/api/products?page=1", "headers": {"authorization": "Bearer {{ vars.token }}"}},
+             "extract": {"product": "$.items[0].id"}, "next": [{"state": "cart", "weight": 1}]},
+            {"name": "cart", "request": {"method": "POST", "path": "/api/cart", "headers": {"authorization": "Bearer {{ vars.token }}"},
+             "json": {"product": "{{ vars.product }}", "quantity": 1}}, "next": [{"state": "checkout", "weight": 1}]},
+            {"name": "checkout", "request": {"method": "POST", "path": "/api/checkout", "headers": {"authorization": "Bearer {{ vars.token }}"}},
+             "checks": ["response.status == 200 || response.status == 409"], "next": [{"state": "browse", "weight": 1}]},
+        ],
     })
 }
 
@@ -65,75 +104,215 @@ async fn wait_for_phase(tests: &Api<LoadTest>, name: &str, phase: Phase) -> Load
     }
 }
 
-#[tokio::test]
-async fn a_load_test_runs_its_runners_as_an_indexed_job_to_succeeded_or_failed() {
-    let mut cluster = TestCluster::start().await.expect("test cluster");
-    crds::install(&cluster).await.expect("CRDs");
-    cluster
-        .ensure_namespace(NAMESPACE)
-        .await
-        .expect("namespace");
-    cluster
-        .ensure_namespace("trimtab")
-        .await
-        .expect("namespace");
-    cluster
-        .start_controller_manager(&["job", "garbagecollector"])
-        .expect("kube-controller-manager");
-
-    let shop_addr = free_addr();
-    let _shop = tokio::process::Command::new(workspace_binary("shop", "shop").expect("shop"))
-        .arg(format!("--listen={shop_addr}"))
+/// A shop on a free loopback port.
+fn shop(args: &[&str]) -> (SocketAddr, tokio::process::Child) {
+    let addr = free_addr();
+    let child = tokio::process::Command::new(workspace_binary("shop", "shop").expect("shop"))
+        .arg(format!("--listen={addr}"))
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("shop starts");
+    (addr, child)
+}
+
+/// `trimtab-bots` as the node agent runs it, with `--json` into the container's own
+/// directory: what each runner process itself measured, to check the merge against.
+fn bots_recording_results(dir: &Path, bots: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let wrapper = dir.join("trimtab-bots-recording");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexport TRIMTAB_JSON=\"$PWD/results.json\"\nexec '{}' \"$@\"\n",
+            bots.display()
+        ),
+    )
+    .expect("wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    wrapper
+}
+
+/// The results each runner of `test` wrote, in completion-index order, and its log.
+fn runner_results(work: &Path, test: &str) -> Vec<(Results, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(work).expect("work dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&format!("{NAMESPACE}_{test}-runners-")) || name.ends_with(".log") {
+            continue;
+        }
+        let log = std::fs::read_to_string(work.join(format!("{name}.log"))).unwrap_or_default();
+        let json = std::fs::read(entry.path().join("results.json"))
+            .unwrap_or_else(|e| panic!("{name}/results.json: {e}\nlog:\n{log}"));
+        found.push((name, serde_json::from_slice(&json).expect("results"), log));
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found.into_iter().map(|(_, r, l)| (r, l)).collect()
+}
+
+async fn report(cluster: &TestCluster, test: &str) -> (serde_json::Value, String) {
+    let map = Api::<ConfigMap>::namespaced(cluster.client(), NAMESPACE)
+        .get(&format!("{test}-report"))
+        .await
+        .expect("the report ConfigMap");
+    let data = map.data.expect("data");
+    (
+        serde_json::from_str(&data["report.json"]).expect("report.json"),
+        data["summary.txt"].clone(),
+    )
+}
+
+/// The shop's own count of answered requests, but for its /metrics scrapes.
+async fn shop_requests(addr: SocketAddr) -> u64 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return 0;
+    };
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text).await;
+    text.lines()
+        .filter(|l| l.starts_with("shop_requests_total{") && !l.contains("route=\"metrics\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test]
+async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_load() {
+    let mut cluster = TestCluster::start().await.expect("test cluster");
+    crds::install(&cluster).await.expect("CRDs");
+    for namespace in [NAMESPACE, "trimtab"] {
+        cluster
+            .ensure_namespace(namespace)
+            .await
+            .expect("namespace");
+    }
+    cluster
+        .start_controller_manager(&["job", "garbagecollector"])
+        .expect("kube-controller-manager");
+
+    let (shop_addr, _shop) = shop(&[]);
     let bots = workspace_binary("trimtab-sidecar", "trimtab-bots").expect("trimtab-bots");
     let work = tempfile::tempdir().expect("work dir");
-    let agent = NodeAgent::start(
+    let recording = bots_recording_results(work.path(), &bots);
+    let _agent = NodeAgent::start(
         cluster.client(),
         "node-0",
-        BTreeMap::from([("trimtab-bots".to_owned(), bots)]),
-        work.path(),
+        BTreeMap::from([("trimtab-bots".to_owned(), recording)]),
+        &work.path().join("node"),
     )
     .await
     .expect("node agent");
+    let node_dir = work.path().join("node");
     let cert = ServingCert::write(cluster.dir());
-    let operator =
-        OperatorProcess::start(&cluster, "trimtab", "operator-0", free_addr(), &cert).await;
+    let config_addr = free_addr();
+    let control_plane = format!("https://127.0.0.1:{}", config_addr.port());
+    let operator = OperatorProcess::start_with(
+        &cluster,
+        "trimtab",
+        "operator-0",
+        config_addr,
+        Some(&cert),
+        &[("TRIMTAB_CONTROL_PLANE_URL", control_plane.as_str())],
+    )
+    .await;
 
     let tests = Api::<LoadTest>::namespaced(cluster.client(), NAMESPACE);
     let apply = PatchParams::apply("load-test-e2e");
     let target = format!("http://{shop_addr}");
+
+    // 1. Two runners start together and report; status and report equal the merge of
+    //    what the runner processes themselves recorded.
+    let health = load_test(
+        "health",
+        &target,
+        json!({
+            "workload": {"users": 4, "duration": "6s"},
+            "scenario": looping("/healthz", "response.status == 200", "50ms"),
+        }),
+    );
     tests
-        .patch(
-            "health",
-            &apply,
-            &Patch::Apply(&load_test("health", &target, "response.status == 200")),
-        )
+        .patch("health", &apply, &Patch::Apply(&health))
         .await
         .expect("create load test");
+    // A runner with another token is refused while the test runs.
+    wait_for_phase(&tests, "health", Phase::Running).await;
+    let scenario_file = work.path().join("health.yaml");
+    std::fs::write(&scenario_file, health.to_string()).expect("scenario file");
+    let rogue = tokio::process::Command::new(&bots)
+        .arg("run")
+        .arg(&scenario_file)
+        .args([
+            "--target",
+            &target,
+            "--shard",
+            "0/2",
+            "--test",
+            "load/health",
+        ])
+        .args(["--token", "not-the-token", "--start-deadline", "20s"])
+        .arg(format!("--control-plane={control_plane}"))
+        .arg(format!("--control-plane-ca={}", cert.cert.display()))
+        .output()
+        .await
+        .expect("rogue runner");
+    let stderr = String::from_utf8_lossy(&rogue.stderr);
+    assert_eq!(rogue.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("refused runner 0: 401") && stderr.contains("token"),
+        "{stderr}"
+    );
+
     let done = wait_for_phase(&tests, "health", Phase::Succeeded).await;
     let status = done.status.expect("status");
-    let runners = status.runners.expect("runner counts");
+    let runners = status.runners.clone().expect("runner counts");
     assert_eq!((runners.finished, runners.failed), (2, 0), "{runners:?}");
-    assert!(status.start_time.is_some() && status.completion_time.is_some());
-    assert!(
-        status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Succeeded" && c.reason == "RunnersSucceeded"),
-        "{:?}",
-        status.conditions
-    );
-    // Each runner ran its own shard against the shop: both logs show requests.
-    let pods = agent_pods(&agent, work.path(), "health-runners-");
-    assert_eq!(pods.len(), 2, "{pods:?}");
-    for log in &pods {
-        assert!(log.contains("health"), "a runner's output:\n{log}");
+    let reported = runner_results(&node_dir, "health");
+    assert_eq!(reported.len(), 2);
+    let mut merged = Results::default();
+    for (results, log) in &reported {
+        assert!(results.requests > 0, "a runner sent nothing:\n{log}");
+        merged.merge(results);
     }
-    // cleanup: onSuccess (the default) deletes the Job; the scenario stays.
+    let requests = status.requests.clone().expect("request counts");
+    assert_eq!(requests.total, merged.requests);
+    assert_eq!(requests.failed, merged.failures.total());
+    let latency = status.latency.clone().expect("latency");
+    assert_eq!(
+        latency.p99,
+        human(merged.latency.corrected.quantile(0.99)),
+        "status p99 from the operator's merge = the test's own merge"
+    );
+    let (report_json, summary) = report(&cluster, "health").await;
+    let reported_results: Results =
+        serde_json::from_value(report_json["results"].clone()).expect("results in the report");
+    assert_eq!(
+        reported_results, merged,
+        "the report's results, histograms included, are exactly the runners' merged"
+    );
+    // One start: every runner began within a few milliseconds of the others.
+    let skew = report_json["startSkewMicros"].as_u64().expect("start skew");
+    eprintln!("start skew of 2 runners: {skew} µs");
+    assert!(skew < 250_000, "start skew {skew} µs");
+    assert_eq!(
+        status.report.map(|r| r.config_map).as_deref(),
+        Some("health-report")
+    );
+    assert!(
+        summary.contains("get") && summary.contains("all"),
+        "{summary}"
+    );
+    let secret = Api::<Secret>::namespaced(cluster.client(), NAMESPACE)
+        .get("health-runner-token")
+        .await
+        .expect("the token Secret");
+    assert!(secret.data.is_some_and(|d| d.contains_key("token")));
+    // cleanup: onSuccess (the default) deletes the Job; scenario and report stay.
     let jobs = Api::<Job>::namespaced(cluster.client(), NAMESPACE);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while jobs.get_opt("health-runners").await.expect("job").is_some() {
@@ -149,12 +328,122 @@ async fn a_load_test_runs_its_runners_as_an_indexed_job_to_succeeded_or_failed()
         .expect("the scenario ConfigMap stays");
     assert!(scenario.data.expect("data")["loadtest.yaml"].contains("/healthz"));
 
-    // A scenario the runners refuse (a CEL check that does not compile) fails the test.
+    // 2. The oversell bug: the stock invariant's violations reach status and report.
+    let (sale_addr, _sale_shop) = shop(&[
+        "--bug=oversell",
+        "--initial-stock=3",
+        "--base-workers=16",
+        "--service-time=1ms",
+    ]);
+    let sale = load_test(
+        "sale",
+        &format!("http://{sale_addr}"),
+        json!({
+            "workload": {"users": 40, "duration": "4s"},
+            "scenario": flash_sale(),
+            "invariants": [{"name": "stock-never-negative", "request": {"path": "/api/admin/stock"},
+                            "expect": "response.json.items.all(i, i.stock >= 0)", "every": "1s"}],
+        }),
+    );
+    tests
+        .patch("sale", &apply, &Patch::Apply(&sale))
+        .await
+        .expect("create sale");
+    let sold = wait_for_phase(&tests, "sale", Phase::Succeeded).await;
+    let invariants = sold.status.expect("status").invariants;
+    assert!(
+        invariants
+            .iter()
+            .any(|i| i.name == "stock-never-negative" && i.violations > 0),
+        "{invariants:?}"
+    );
+    let (_, summary) = report(&cluster, "sale").await;
+    assert!(
+        summary.contains("stock-never-negative:")
+            && !summary.contains("stock-never-negative: 0 violations"),
+        "{summary}"
+    );
+
+    // 3. criticalLoad: every request fails its check; the guard aborts the test, and the
+    //    shop's own counter shows nothing arrived 2 report intervals after the breach.
+    let (doomed_addr, _doomed_shop) = shop(&[]);
+    let counts: Arc<Mutex<Vec<(SystemTime, u64)>>> = Arc::default();
+    let sampler = {
+        let counts = Arc::clone(&counts);
+        tokio::spawn(async move {
+            for _ in 0..1200 {
+                let n = shop_requests(doomed_addr).await;
+                counts.lock().expect("counts").push((SystemTime::now(), n));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let doomed = load_test(
+        "doomed",
+        &format!("http://{doomed_addr}"),
+        json!({
+            "workload": {"users": 6, "duration": "60s"},
+            "scenario": looping("/api/nothing-here", "response.status == 200", "20ms"),
+            "guards": {"criticalLoad": {"errorRate": 0.5}, "window": "2s"},
+        }),
+    );
+    tests
+        .patch("doomed", &apply, &Patch::Apply(&doomed))
+        .await
+        .expect("create doomed");
+    let aborted = wait_for_phase(&tests, "doomed", Phase::Aborted).await;
+    let status = aborted.status.expect("status");
+    assert!(
+        status.conditions.iter().any(|c| c.type_ == "Aborted"
+            && c.reason == "CriticalLoad"
+            && c.message.contains("error rate")),
+        "{:?}",
+        status.conditions
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sampler.abort();
+    let (report_json, _) = report(&cluster, "doomed").await;
+    let start = report_json["startAtUnixMicros"].as_u64().expect("start");
+    let breach_at = report_json["guardEvents"]
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["state"] == "aborted"))
+        .and_then(|e| e["atSeconds"].as_f64())
+        .expect("the abort event");
+    let breach = UNIX_EPOCH + Duration::from_micros(start) + Duration::from_secs_f64(breach_at);
+    let counts = counts.lock().expect("counts").clone();
+    let total = counts.last().map(|c| c.1).unwrap_or_default();
+    assert!(total > 0, "the doomed test sent nothing");
+    let last_change = counts
+        .windows(2)
+        .rev()
+        .find(|w| w[1].1 != w[0].1)
+        .map(|w| w[1].0)
+        .expect("the counter moved");
+    eprintln!(
+        "last request at the target {:?} after the breach",
+        last_change.duration_since(breach).unwrap_or_default()
+    );
+    // Two report intervals (2 s each), plus the sampler's own 100 ms period.
+    let limit = breach + Duration::from_millis(4_100);
+    assert!(
+        last_change <= limit,
+        "a request arrived {:?} after the breach",
+        last_change.duration_since(breach).unwrap_or_default()
+    );
+    // onSuccess keeps an aborted test's Job for inspection, suspended.
+    let job = jobs.get("doomed-runners").await.expect("job");
+    assert_eq!(job.spec.and_then(|s| s.suspend), Some(true));
+
+    // 4. A scenario the runners refuse (a CEL check that does not compile) fails it.
     tests
         .patch(
             "broken",
             &apply,
-            &Patch::Apply(&load_test("broken", &target, "response.status ==")),
+            &Patch::Apply(&load_test(
+                "broken",
+                &target,
+                json!({"scenario": looping("/healthz", "response.status ==", "50ms")}),
+            )),
         )
         .await
         .expect("create broken load test");
@@ -181,27 +470,10 @@ async fn a_load_test_runs_its_runners_as_an_indexed_job_to_succeeded_or_failed()
         .filter(|e| e.involved_object.name.as_deref() == Some("broken"))
         .filter_map(|e| e.reason.clone())
         .collect();
+
     assert!(
         reasons.iter().any(|r| r == "RunnerFailed"),
         "events of broken: {reasons:?}\noperator log:\n{}",
         operator.log_text()
     );
-}
-
-/// The runner logs of the Pods whose names start with `prefix`.
-fn agent_pods(agent: &NodeAgent, work: &std::path::Path, prefix: &str) -> Vec<String> {
-    let mut logs = Vec::new();
-    for entry in std::fs::read_dir(work).expect("work dir").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pod) = name
-            .strip_prefix(&format!("{NAMESPACE}_"))
-            .and_then(|rest| rest.strip_suffix("_runner.log"))
-        else {
-            continue;
-        };
-        if pod.starts_with(prefix) {
-            logs.push(agent.log(NAMESPACE, pod, "runner"));
-        }
-    }
-    logs
 }

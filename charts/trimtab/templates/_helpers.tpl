@@ -42,6 +42,10 @@ The operator's name: Deployment, Service, ServiceAccount, roles.
 {{- default (printf "%s-tls" (include "trimtab.operator.fullname" .)) .Values.tls.secretName }}
 {{- end }}
 
+{{- define "trimtab.loadtestKeySecretName" -}}
+{{- printf "%s-loadtest-key" (include "trimtab.operator.fullname" .) }}
+{{- end }}
+
 {{- define "trimtab.webhookName" -}}
 {{- printf "%s-sidecar-injector" (include "trimtab.fullname" .) }}
 {{- end }}

@@ -1,6 +1,7 @@
 //! The config server the sidecars long-poll (protocol: `docs/config-server.md`), and on
 //! the same HTTPS port the sidecar-injection webhook (`POST /mutate-pods`, see
-//! [`crate::webhook`]).
+//! [`crate::webhook`]) and the LoadTest runners' reports (`POST
+//! /v1/loadtests/{namespace}/{name}/runners/{index}`, see [`crate::load_test::runs`]).
 //!
 //! Answers come from the in-memory [`PolicyIndex`] and the Pod reflector store, never
 //! from the API server on the request path; the only API call is a TokenReview when a
@@ -37,13 +38,21 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use trimtab_api::sidecar_config::{LoadReport, NO_POLICY_REASON};
+use trimtab_api::{
+    runner_protocol::{self, RunnerReport},
+    sidecar_config::{LoadReport, NO_POLICY_REASON},
+};
 
 use self::{
     auth::{AuthError, Authenticator, PodIdentity},
     subscribers::Subscribers,
 };
-use crate::{index::PolicyIndex, load_reports::LoadReports, webhook::Injector};
+use crate::{
+    index::PolicyIndex,
+    load_reports::LoadReports,
+    load_test::runs::{Answer, ReportError, Runs},
+    webhook::Injector,
+};
 
 /// The default and the longest long-poll.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -73,6 +82,8 @@ pub struct ServerState {
     pub load_reports: LoadReports,
     /// Who is subscribed.
     pub subscribers: Subscribers,
+    /// The LoadTests whose runners report here.
+    pub runs: Runs,
     /// Request counters.
     pub metrics: ServerMetrics,
     /// The sidecar injector; `None` when this operator does not inject (no sidecar image
@@ -153,6 +164,9 @@ pub enum RequestError {
         "sidecar injection is not enabled on this operator (set --sidecar-image / TRIMTAB_SIDECAR_IMAGE)"
     )]
     InjectionDisabled,
+    /// A LoadTest runner's report refused.
+    #[error(transparent)]
+    Runner(#[from] ReportError),
     /// The operator has not listed policies and pods yet.
     #[error("the operator is starting: policies and pods are not listed yet")]
     Starting,
@@ -161,7 +175,7 @@ pub enum RequestError {
     Internal(String),
     /// An unknown path.
     #[error(
-        "no such endpoint; this server has GET /v1/config, POST /v1/load-reports and POST /mutate-pods"
+        "no such endpoint; this server has GET /v1/config, POST /v1/load-reports, POST /v1/loadtests/NAMESPACE/NAME/runners/INDEX and POST /mutate-pods"
     )]
     NotFound,
     /// A known path with the wrong method.
@@ -184,6 +198,9 @@ impl RequestError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Runner(ReportError::Unknown(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Runner(ReportError::Token(_)) => StatusCode::UNAUTHORIZED,
+            Self::Runner(ReportError::Index { .. }) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -197,10 +214,13 @@ impl RequestError {
         let mut response = json_response(status, body.into());
         let headers = response.headers_mut();
         match &self {
-            Self::Starting | Self::Auth(AuthError::Review(_)) => {
+            Self::Starting
+            | Self::Auth(AuthError::Review(_))
+            | Self::Runner(ReportError::Unknown(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            Self::Auth(AuthError::Missing | AuthError::Rejected(_)) => {
+            Self::Auth(AuthError::Missing | AuthError::Rejected(_))
+            | Self::Runner(ReportError::Token(_)) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::Method { allow } => {
@@ -284,7 +304,14 @@ async fn handle(req: Request<Incoming>, state: &ServerState) -> Response<Full<By
         (&Method::POST, "/mutate-pods") => mutate_pods(req, state).await,
         (_, "/v1/config") => Err(RequestError::Method { allow: "GET" }),
         (_, "/v1/load-reports" | "/mutate-pods") => Err(RequestError::Method { allow: "POST" }),
-        _ => Err(RequestError::NotFound),
+        (method, other) => match runner_protocol::parse_report_path(other) {
+            Some(_) if method != Method::POST => Err(RequestError::Method { allow: "POST" }),
+            Some((namespace, name, index)) => {
+                let test = (namespace.to_owned(), name.to_owned());
+                runner_report(req, state, test, index).await
+            }
+            None => Err(RequestError::NotFound),
+        },
     };
     let response = result.unwrap_or_else(|e| {
         if e.status().is_server_error() {
@@ -296,6 +323,7 @@ async fn handle(req: Request<Incoming>, state: &ServerState) -> Response<Full<By
     });
     let label = match path.as_str() {
         "/v1/config" | "/v1/load-reports" | "/mutate-pods" => path.as_str(),
+        p if runner_protocol::parse_report_path(p).is_some() => "/v1/loadtests/runners",
         _ => "other",
     };
     state
@@ -314,13 +342,7 @@ async fn identify(
     if !state.index.is_synced() || !state.pods_synced.load(Ordering::Acquire) {
         return Err(RequestError::Starting);
     }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or(AuthError::Missing)?;
+    let token = bearer(req)?;
     let identity = state.auth.authenticate(token).await?;
     let pod = state
         .pods
@@ -499,6 +521,46 @@ async fn load_report(
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
+}
+
+/// A LoadTest runner's report, authenticated by the test's token; answered with what
+/// the runner must do. A runner waiting for the start is held until the start is fixed
+/// or [`runner_protocol::MAX_WAIT_SECONDS`] pass.
+async fn runner_report(
+    req: Request<Incoming>,
+    state: &ServerState,
+    test: (String, String),
+    index: u32,
+) -> Result<Response<Full<Bytes>>, RequestError> {
+    let token = bearer(&req)?.to_owned();
+    let body = read_body(req, runner_protocol::MAX_REPORT_BYTES).await?;
+    let report: RunnerReport =
+        serde_json::from_slice(&body).map_err(|e| RequestError::BadRequest {
+            field: format!("body (line {}, column {})", e.line(), e.column()),
+            message: e.to_string(),
+        })?;
+    let directive = match state.runs.report(&test, index, &token, report)? {
+        Answer::Now(directive) => directive,
+        Answer::WaitForStart(mut start) => {
+            let wait = Duration::from_secs(runner_protocol::MAX_WAIT_SECONDS);
+            // Either way the answer is read fresh: a start, or still none.
+            let _ = tokio::time::timeout(wait, start.wait_for(Option::is_some)).await;
+            state.runs.directive(&test, index)
+        }
+    };
+    let body = serde_json::to_vec(&directive)
+        .map_err(|e| RequestError::Internal(format!("encoding the directive: {e}")))?;
+    Ok(json_response(StatusCode::OK, body.into()))
+}
+
+/// The bearer token of `req`.
+fn bearer(req: &Request<Incoming>) -> Result<&str, AuthError> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(AuthError::Missing)
 }
 
 /// The injection webhook: the API server is the client (authenticated by TLS: only it

@@ -1,24 +1,35 @@
-//! The LoadTest controller: a test becomes a scenario ConfigMap and an Indexed Job of
-//! `trimtab-bots` runners, both owned by it (deleting the test deletes them, through
-//! the garbage collector); its status follows the Job's phases, with a condition and an
-//! Event at each transition, and stays put once the test has ended.
+//! The LoadTest controller: a test becomes a scenario ConfigMap, a runner-token Secret
+//! and an Indexed Job of `trimtab-bots` runners, all owned by it (deleting the test
+//! deletes them, through the garbage collector).
 //!
-//! Only the leader writes. The synchronized start, merged results and guards build on
-//! this (issue 7); until then the phase is read from the Job alone.
+//! The runners register with the operator and start together ([`runs`]); they report
+//! their results every few seconds, which the operator merges into `status` and, when
+//! the test ends, into the report ConfigMap ([`report`]). The guards judge the merged
+//! results: `maxLoad` pauses the test, `criticalLoad` aborts it and deletes the Job.
+//! The phase — Pending, Starting, Running ⇄ Paused, Succeeded | Failed | Aborted —
+//! gets a condition and an Event at each transition, and stays put once the test has
+//! ended. Only the leader writes; runners that report to another replica are told to
+//! retry.
 
 pub mod objects;
+pub mod report;
+pub mod runs;
+pub mod token;
 
 use std::{sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use k8s_openapi::{
-    api::{batch::v1::Job, core::v1::ConfigMap},
+    api::{
+        batch::v1::Job,
+        core::v1::{ConfigMap, Secret},
+    },
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PropagationPolicy},
+    api::{DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy},
     runtime::{
         Controller,
         controller::Action,
@@ -27,25 +38,25 @@ use kube::{
     },
 };
 use serde_json::json;
-use trimtab_api::load_test::{Cleanup, LoadTest, LoadTestStatus, Phase};
+use trimtab_api::{
+    guard::Guard,
+    load_test::{Cleanup, LoadTest, LoadTestStatus, Phase, ReportRef},
+};
 
+pub use self::objects::RunnerSettings;
+use self::runs::{Plan, Runs};
 use crate::{conditions, leader::Leadership, metrics::ControllerMetrics};
 
 /// The field manager of everything this controller applies.
 const FIELD_MANAGER: &str = "trimtab-operator";
-/// Re-read while a test runs (Job events trigger reconciles too; this is the floor).
-const WHILE_RUNNING: Duration = Duration::from_secs(5);
+/// Re-read while a test runs (Job events trigger reconciles too; this is the floor):
+/// also how often the live numbers in status are rewritten.
+const WHILE_RUNNING: Duration = Duration::from_secs(2);
+/// How long runners may take to all register before the test fails: pulling an image
+/// and scheduling pods can take minutes on a busy cluster.
+const START_DEADLINE: Duration = Duration::from_secs(300);
 /// Re-read of ended tests, which change no more.
 const AFTER_END: Duration = Duration::from_secs(300);
-
-/// The runner image when a test names none.
-#[derive(Clone, Debug, Default)]
-pub struct RunnerImage {
-    /// The operator's sidecar image, which carries `trimtab-bots`.
-    pub image: Option<String>,
-    /// Its pull policy.
-    pub pull_policy: String,
-}
 
 /// Why a reconcile failed (it is retried with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -79,14 +90,16 @@ struct Context {
     client: Client,
     leadership: Leadership,
     recorder: Recorder,
-    image: RunnerImage,
+    settings: RunnerSettings,
+    runs: Runs,
     metrics: ControllerMetrics,
 }
 
 /// Runs the controller until shutdown.
 pub async fn run(
     client: Client,
-    image: RunnerImage,
+    settings: RunnerSettings,
+    runs: Runs,
     metrics: ControllerMetrics,
     reporter: Reporter,
     leadership: Leadership,
@@ -95,7 +108,8 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         leadership,
-        image,
+        settings,
+        runs,
         metrics,
     });
     Controller::new(
@@ -156,7 +170,7 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
         .runners
         .image
         .clone()
-        .or_else(|| ctx.image.image.clone())
+        .or_else(|| ctx.settings.image.clone())
     else {
         let progress = objects::Progress {
             phase: Phase::Failed,
@@ -164,9 +178,25 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
             reason: "NoRunnerImage",
             message: "spec.runners.image is not set and the operator has no sidecar image (--sidecar-image) to run trimtab-bots from".into(),
         };
-        write_status(&ctx, &test, &current, &progress).await?;
+        write_status(&ctx, &test, &current, &progress, None).await?;
         return Ok(Action::requeue(AFTER_END));
     };
+    let key = (namespace.clone(), name.clone());
+    let uid = test.uid().unwrap_or_default();
+    ctx.runs.track(
+        &key,
+        Plan {
+            uid: uid.clone(),
+            runners: test.spec.runners.parallelism,
+            // The target's CPU is not read yet: cpu limits are left out (see the guard
+            // condition's message).
+            guard: test
+                .spec
+                .guards
+                .as_ref()
+                .and_then(|g| Guard::new(g, false).map(|guard| (guard, g.window.get()))),
+        },
+    );
     let scenario = objects::scenario(&test).map_err(|source| ReconcileError::Encode {
         test: id.clone(),
         source,
@@ -179,6 +209,17 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
         )
         .await
         .map_err(api_error("applying the scenario ConfigMap"))?;
+    // Created, never patched: the operator may create Secrets anywhere but read or
+    // change none (see `token`). One that exists already holds the same derived token.
+    let secret = objects::token_secret(&test, &ctx.runs.token(&uid));
+    match Api::<Secret>::namespaced(ctx.client.clone(), &namespace)
+        .create(&PostParams::default(), &secret)
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(api_error("creating the runner token Secret")(e)),
+    }
     let existing = jobs
         .get_opt(&objects::job_name(&name))
         .await
@@ -188,16 +229,46 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
         // A Job's template is immutable: once made, it is only read.
         Some(job) => job,
         None => {
-            let wanted = objects::runners(&test, &image, &ctx.image.pull_policy);
+            let wanted = objects::runners(&test, &image, &ctx.settings);
             jobs.patch(&objects::job_name(&name), &apply, &Patch::Apply(&wanted))
                 .await
                 .map_err(api_error("creating the runner Job"))?
         }
     };
-    let progress = objects::progress(Some(&job), test.spec.runners.parallelism);
-    write_status(&ctx, &test, &current, &progress).await?;
-
-    if objects::is_final(progress.phase) {
+    let waited = job
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| Timestamp::now().duration_since(t.0).try_into().ok())
+        .unwrap_or_default();
+    let run = ctx.runs.snapshot(&key);
+    let progress = objects::progress(
+        Some(&job),
+        run.as_ref(),
+        test.spec.runners.parallelism,
+        waited,
+        START_DEADLINE,
+    );
+    let ended = objects::is_final(progress.phase);
+    if ended && progress.phase != Phase::Succeeded && !objects::is_suspended(&job) {
+        // An abort reached every runner in the answer to its last report; suspending
+        // the Job makes sure (its running pods are deleted) and keeps the finished
+        // ones for inspection until the cleanup below decides.
+        jobs.patch(
+            &objects::job_name(&name),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"suspend": true}})),
+        )
+        .await
+        .map(|_| ())
+        .or_else(|e| match e {
+            kube::Error::Api(s) if s.code == 404 => Ok(()),
+            e => Err(e),
+        })
+        .map_err(api_error("suspending the runner Job"))?;
+    }
+    write_status(&ctx, &test, &current, &progress, run.as_ref()).await?;
+    if ended {
         let delete = match test.spec.cleanup {
             Cleanup::Always => true,
             Cleanup::OnSuccess => progress.phase == Phase::Succeeded,
@@ -205,41 +276,51 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
         };
         if delete {
             // The scenario ConfigMap stays: it is small and says what was run.
-            jobs.delete(
-                &objects::job_name(&name),
-                &DeleteParams {
-                    propagation_policy: Some(PropagationPolicy::Background),
-                    ..Default::default()
-                },
-            )
-            .await
-            .map(|_| ())
-            .or_else(|e| match e {
-                kube::Error::Api(s) if s.code == 404 => Ok(()),
-                e => Err(e),
-            })
-            .map_err(api_error("deleting the runner Job"))?;
+            delete_job(&jobs, &name)
+                .await
+                .map_err(api_error("deleting the runner Job"))?;
         }
+        ctx.runs.forget(&key);
     }
     ctx.metrics.observe_reconcile(started.elapsed());
-    Ok(Action::requeue(if objects::is_final(progress.phase) {
+    Ok(Action::requeue(if ended {
         AFTER_END
     } else {
         WHILE_RUNNING
     }))
 }
 
-/// Writes the phase, runner counts, times and condition; an Event when the phase changes.
+/// Deletes the test's Job and its pods; a Job already gone is fine.
+async fn delete_job(jobs: &Api<Job>, test: &str) -> Result<(), kube::Error> {
+    jobs.delete(
+        &objects::job_name(test),
+        &DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..Default::default()
+        },
+    )
+    .await
+    .map(|_| ())
+    .or_else(|e| match e {
+        kube::Error::Api(s) if s.code == 404 => Ok(()),
+        e => Err(e),
+    })
+}
+
+/// Writes the phase, runner counts, times, live numbers and condition; when the test
+/// ends, the report ConfigMap first; an Event when the phase changes.
 async fn write_status(
     ctx: &Context,
     test: &LoadTest,
     current: &LoadTestStatus,
     progress: &objects::Progress,
+    run: Option<&runs::RunSnapshot>,
 ) -> Result<(), ReconcileError> {
     let name = test.name_any();
     let namespace = test.namespace().unwrap_or_default();
     let now = || Time(Timestamp::now());
-    let started = matches!(progress.phase, Phase::Running) || objects::is_final(progress.phase);
+    let ended = objects::is_final(progress.phase);
+    let started = matches!(progress.phase, Phase::Running | Phase::Paused) || ended;
     let condition = conditions::new(
         phase_name(progress.phase),
         true,
@@ -247,18 +328,50 @@ async fn write_status(
         progress.message.clone(),
         test.meta().generation,
     );
-    let status = LoadTestStatus {
+    let start_at = run
+        .and_then(|r| r.start_at)
+        .and_then(|at| Timestamp::try_from(at).ok())
+        .map(Time);
+    let mut status = LoadTestStatus {
         observed_generation: test.meta().generation,
         phase: Some(progress.phase),
-        start_time: current.start_time.clone().or_else(|| started.then(now)),
-        completion_time: current
-            .completion_time
+        start_time: current
+            .start_time
             .clone()
-            .or_else(|| objects::is_final(progress.phase).then(now)),
+            .or(start_at)
+            .or_else(|| started.then(now)),
+        completion_time: current.completion_time.clone().or_else(|| ended.then(now)),
         runners: Some(progress.runners.clone()),
         conditions: conditions::merge(&current.conditions, vec![condition]),
         ..current.clone()
     };
+    if let Some(run) = run {
+        report::fill_status(&mut status, run);
+    }
+    if ended {
+        let run = run.cloned().unwrap_or_default();
+        let map = report::config_map(test, progress, &run, &status).map_err(|source| {
+            ReconcileError::Encode {
+                test: format!("{namespace}/{name}"),
+                source,
+            }
+        })?;
+        Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
+            .patch(
+                &objects::report_name(&name),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&map),
+            )
+            .await
+            .map_err(|source| ReconcileError::Api {
+                action: "writing the report ConfigMap",
+                test: format!("{namespace}/{name}"),
+                source,
+            })?;
+        status.report = Some(ReportRef {
+            config_map: objects::report_name(&name),
+        });
+    }
     if &status == current {
         return Ok(());
     }
@@ -280,7 +393,10 @@ async fn write_status(
         })?;
     if current.phase != Some(progress.phase) {
         let event = Event {
-            type_: if progress.phase == Phase::Failed {
+            type_: if matches!(
+                progress.phase,
+                Phase::Failed | Phase::Aborted | Phase::Paused
+            ) {
                 EventType::Warning
             } else {
                 EventType::Normal

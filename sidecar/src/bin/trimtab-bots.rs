@@ -1,5 +1,7 @@
 //! `trimtab-bots`: runs a `LoadTest`'s bot users without a cluster, or as one runner
-//! pod of an Indexed Job (`JOB_COMPLETION_INDEX` picks the shard).
+//! pod of an Indexed Job (`JOB_COMPLETION_INDEX` picks the shard), where it registers
+//! with the operator (`--control-plane`), starts with every other runner, and reports
+//! its results.
 //!
 //! ```text
 //! trimtab-bots run examples/shop-loadtest.yaml --target http://127.0.0.1:8080 --duration 30s
@@ -10,8 +12,8 @@ use std::{
     io::IsTerminal,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::atomic::Ordering::Relaxed,
-    time::Duration,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
@@ -20,12 +22,14 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 use trimtab_api::{duration::Duration as SpecDuration, load_test::LoadTestSpec};
 use trimtab_sidecar::bots::{
+    control::{Control, ControlError, ControlSettings},
     gate::UNLIMITED,
     metrics,
-    results::{Latency, Results},
+    results::{Latency, Results, human},
     run::{Compiled, Run, RunError, RunOptions},
     shard::Shard,
 };
+use trimtab_sidecar::control_plane::TrustAnchors;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -74,6 +78,34 @@ struct RunArgs {
     /// 127.0.0.1:9464 (0.0.0.0:9464 in a pod).
     #[arg(long, env = "TRIMTAB_METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// The operator's HTTPS URL: register there, start together with every other
+    /// runner, report results and obey its guards (the operator sets this in a
+    /// LoadTest's pods). Needs --test, the token and a CA.
+    #[arg(long = "control-plane", env = "TRIMTAB_CONTROL_PLANE_URL", requires_all = ["test", "token"])]
+    control_plane: Option<String>,
+    /// The CA bundle (PEM file) that signs the operator's certificate.
+    #[arg(long, env = "TRIMTAB_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
+    /// The same as PEM text (what the operator sets in runner pods).
+    #[arg(
+        long,
+        env = "TRIMTAB_CONTROL_PLANE_CA_PEM",
+        hide_env_values = true,
+        conflicts_with = "control_plane_ca"
+    )]
+    control_plane_ca_pem: Option<String>,
+    /// The LoadTest, NAMESPACE/NAME.
+    #[arg(long, env = "TRIMTAB_LOADTEST")]
+    test: Option<String>,
+    /// The LoadTest's runner token.
+    #[arg(long, env = "TRIMTAB_LOADTEST_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// How often results go to the operator.
+    #[arg(long, env = "TRIMTAB_REPORT_INTERVAL", default_value = "2s")]
+    report_interval: SpecDuration,
+    /// How long to wait for every runner to register.
+    #[arg(long, env = "TRIMTAB_START_DEADLINE", default_value = "10m")]
+    start_deadline: SpecDuration,
 }
 
 /// The run finished, but the guard aborted it (criticalLoad): not a success.
@@ -149,11 +181,13 @@ fn main() -> ExitCode {
                 None => eprintln!("trimtab-bots: {e:#}"),
             }
             // 2: the scenario was refused; 3: the target did not answer; 4: the guard
-            // aborted the run (criticalLoad); 1: anything else.
+            // aborted the run (criticalLoad); 5: the operator refused this runner or
+            // could not be reached; 1: anything else.
             let code = match e.downcast_ref::<RunError>() {
                 Some(RunError::Compile(_) | RunError::Workload(_)) => 2,
                 Some(RunError::Unreachable { .. } | RunError::TargetUrl { .. }) => 3,
                 None if e.is::<Aborted>() => 4,
+                None if e.is::<ControlError>() => 5,
                 None => 1,
             };
             ExitCode::from(code)
@@ -161,15 +195,43 @@ fn main() -> ExitCode {
     }
 }
 
+/// The operator's side of the run, when `--control-plane` is set.
+fn control(args: &RunArgs, shard: Shard) -> anyhow::Result<Option<Arc<Control>>> {
+    let Some(url) = &args.control_plane else {
+        return Ok(None);
+    };
+    let anchors = match (&args.control_plane_ca, &args.control_plane_ca_pem) {
+        (Some(file), _) => TrustAnchors::File(file.clone()),
+        (None, Some(pem)) => TrustAnchors::Pem(pem.clone()),
+        (None, None) => anyhow::bail!(
+            "--control-plane needs the CA that signs the operator's certificate: \
+             --control-plane-ca FILE or TRIMTAB_CONTROL_PLANE_CA_PEM"
+        ),
+    };
+    let control = Control::new(ControlSettings {
+        url: url.clone(),
+        anchors,
+        test: args.test.clone().unwrap_or_default(),
+        index: shard.index,
+        token: args.token.clone().unwrap_or_default(),
+        start_deadline: args.start_deadline.get(),
+        finish_deadline: Duration::from_secs(60),
+    })?;
+    Ok(Some(Arc::new(control)))
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let spec = read_spec(&args.loadtest)?;
+    let shard = shard(&args, &spec)?;
+    let control = control(&args, shard)?;
     let options = RunOptions {
         target: args.target.clone(),
-        shard: shard(&args, &spec)?,
+        shard,
         seed: args.seed,
         duration: args.duration.map(SpecDuration::get),
         request_timeout: args.request_timeout.get(),
         trace_user: args.trace_user,
+        local_guard: control.is_none(),
         ..RunOptions::default()
     };
     let compiled = Compiled::new(&spec, &options)?;
@@ -186,11 +248,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let run = Run::start(compiled, &options).await?;
+    let run = match &control {
+        None => Run::start(compiled, &options).await?,
+        Some(control) => {
+            // Only a runner that can run registers: a broken target fails it first.
+            compiled.probe(options.connect_timeout).await?;
+            let start = control.register(target_users).await?;
+            if let Ok(ahead) = start.duration_since(SystemTime::now()) {
+                tokio::time::sleep(ahead).await;
+            }
+            Run::begin(compiled, &options)
+        }
+    };
+    let started = SystemTime::now();
     let shared = run.shared.clone();
     if let Some(listener) = metrics {
         tokio::spawn(metrics::serve(listener, shared.clone()));
     }
+    let reporter = control.clone().map(|control| {
+        if control.aborted().is_some() {
+            shared.gate.abort();
+        }
+        tokio::spawn(control.follow(
+            shared.clone(),
+            started,
+            target_users,
+            args.report_interval.get(),
+        ))
+    });
 
     let bar = progress_bar(duration);
     let ticker = {
@@ -230,6 +315,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let output = run.finish().await;
     ticker.abort();
     bar.finish_and_clear();
+    if let Some(reporter) = reporter {
+        // It ends at the deadline or the abort, as the users did.
+        let _ = reporter.await;
+    }
 
     print!("{}", table(&output.results, output.elapsed));
     for event in &output.guard {
@@ -252,6 +341,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let json = serde_json::to_vec_pretty(&output.results)?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(control) = &control {
+        control
+            .finish(output.results.clone(), started, target_users)
+            .await?;
+        if let Some(reason) = control.aborted() {
+            return Err(Aborted(reason).into());
+        }
+    }
     match output.aborted() {
         Some(reason) => Err(Aborted(reason.to_owned()).into()),
         None => Ok(()),
@@ -269,18 +366,6 @@ fn progress_bar(duration: Duration) -> ProgressBar {
         bar.set_draw_target(ProgressDrawTarget::hidden());
     }
     bar
-}
-
-/// `1.25ms`, `830µs`, `2.10s`.
-fn human(d: Duration) -> String {
-    let micros = d.as_micros();
-    if micros < 1_000 {
-        format!("{micros}µs")
-    } else if micros < 1_000_000 {
-        format!("{:.2}ms", micros as f64 / 1e3)
-    } else {
-        format!("{:.2}s", micros as f64 / 1e6)
-    }
 }
 
 fn row(name: &str, requests: u64, failures: u64, latency: &Latency) -> String {

@@ -12,6 +12,7 @@
 //! Reading order: [`scenario`] → [`user`] → [`workload`] → [`run`].
 
 pub mod check;
+pub mod control;
 pub mod extract;
 pub mod gate;
 pub mod guard;
@@ -20,10 +21,12 @@ pub mod invariants;
 pub mod metrics;
 pub mod recorder;
 pub mod request;
-pub mod results;
 pub mod run;
 pub mod scenario;
 pub mod shard;
 pub mod think;
 pub mod user;
 pub mod workload;
+
+/// Results are shared with the operator, which merges every runner's.
+pub use trimtab_api::results;

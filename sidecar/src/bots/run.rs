@@ -39,6 +39,9 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     /// Journal this user's states and think times.
     pub trace_user: Option<u64>,
+    /// Judge `spec.guards` here, on what this process's bots see. Off for a runner under
+    /// the operator, which judges every runner's merged results (and the target's CPU).
+    pub local_guard: bool,
 }
 
 impl Default for RunOptions {
@@ -51,6 +54,7 @@ impl Default for RunOptions {
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(3),
             trace_user: None,
+            local_guard: true,
         }
     }
 }
@@ -105,7 +109,8 @@ impl Compiled {
             .to_owned();
         let duration = options.duration.unwrap_or(spec.workload.duration.get());
         let mut notes = Vec::new();
-        let guard = spec.guards.as_ref().and_then(|guards| {
+        let local_guards = spec.guards.as_ref().filter(|_| options.local_guard);
+        let guard = local_guards.and_then(|guards| {
             let cpu = [&guards.max_load, &guards.critical_load]
                 .into_iter()
                 .flatten()
@@ -117,7 +122,7 @@ impl Compiled {
                         .to_owned(),
                 );
             }
-            Guard::new(guards).map(|guard| (guard, guards.window.get()))
+            Guard::new(guards, false).map(|guard| (guard, guards.window.get()))
         });
         Ok(Self {
             scenario,
@@ -143,6 +148,11 @@ impl Compiled {
     /// How long the run lasts.
     pub fn duration(&self) -> Duration {
         self.duration
+    }
+
+    /// Checks that the target accepts connections (a TCP connect).
+    pub async fn probe(&self, timeout: Duration) -> Result<(), RunError> {
+        probe(&self.target, timeout).await
     }
 }
 
@@ -184,7 +194,12 @@ pub struct Run {
 impl Run {
     /// Checks that the target accepts connections, then fixes the start and deadline.
     pub async fn start(compiled: Compiled, options: &RunOptions) -> Result<Self, RunError> {
-        probe(&compiled.target, options.connect_timeout).await?;
+        compiled.probe(options.connect_timeout).await?;
+        Ok(Self::begin(compiled, options))
+    }
+
+    /// Fixes the start (now) and the deadline; nothing is sent until [`Self::finish`].
+    pub fn begin(compiled: Compiled, options: &RunOptions) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let names = compiled
             .scenario
@@ -209,18 +224,18 @@ impl Run {
             trace_user: options.trace_user,
             journey: std::sync::Mutex::default(),
         });
-        Ok(Self {
+        Self {
             shared,
             invariants: compiled.invariants.into_iter().map(Arc::new).collect(),
             plan: compiled.plan,
             shard: options.shard,
             start,
             guard: compiled.guard,
-        })
+        }
     }
 
-    /// Runs users, invariants and the guard to the deadline (or the guard's abort),
-    /// then checks every invariant once more and returns the results.
+    /// Runs users, invariants and the guard to the deadline (or an abort), then
+    /// checks every invariant once more (unless aborted) and returns the results.
     pub async fn finish(self) -> RunOutput {
         let guard = self
             .guard
@@ -241,8 +256,11 @@ impl Run {
             Some(watch) => watch.await.unwrap_or_default(),
             None => Vec::new(),
         };
-        for inv in &self.invariants {
-            invariants::check_once(&self.shared, inv).await;
+        // An aborted run stops sending at once: no closing checks either.
+        if !self.shared.gate.is_aborted() {
+            for inv in &self.invariants {
+                invariants::check_once(&self.shared, inv).await;
+            }
         }
         let journey = match self.shared.journey.lock() {
             Ok(j) => j.clone(),

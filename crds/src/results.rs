@@ -111,6 +111,19 @@ impl<'de> Deserialize<'de> for LatencyHistogram {
     }
 }
 
+/// A latency as people read it: `830µs`, `1.25ms`, `2.10s` (what the histograms'
+/// microseconds print best in).
+pub fn human(d: Duration) -> String {
+    let micros = d.as_micros();
+    if micros < 1_000 {
+        format!("{micros}µs")
+    } else if micros < 1_000_000 {
+        format!("{:.2}ms", micros as f64 / 1e3)
+    } else {
+        format!("{:.2}s", micros as f64 / 1e6)
+    }
+}
+
 /// Latency as the user experienced it (`corrected`: from when the request should have
 /// started, so a stalled generator cannot hide a stalled target — coordinated
 /// omission) and as the wire saw it (`raw`: from when it was sent).
@@ -412,6 +425,13 @@ mod tests {
         let json = serde_json::to_string(&results).expect("serializes");
         let back: Results = serde_json::from_str(&json).expect("deserializes");
         assert_eq!(back, results);
+    }
+
+    #[test]
+    fn durations_print_in_the_unit_that_reads_best() {
+        assert_eq!(human(Duration::from_micros(830)), "830µs");
+        assert_eq!(human(Duration::from_micros(1250)), "1.25ms");
+        assert_eq!(human(Duration::from_millis(2100)), "2.10s");
     }
 
     #[test]

@@ -1,0 +1,628 @@
+//! The LoadTests in progress, as this replica hears them from their runners: who has
+//! registered, when they all start, each runner's newest results, and the guard's
+//! verdict. The config server's runner endpoint writes here
+//! ([`Runs::report`]); the reconciler reads it ([`Runs::snapshot`]) to write status and
+//! the report.
+//!
+//! - **One start.** When the last of a test's runners registers, the start is fixed
+//!   [`START_LEAD`] ahead, and every waiting runner's long poll returns it at once;
+//!   each runner sleeps until that wall-clock instant, so the skew is what the clocks
+//!   and timers add, not what the polls add.
+//! - **Exact results.** Reports are cumulative, so keeping each runner's newest and
+//!   merging across runners (histograms bucket by bucket) gives exactly what one
+//!   process would have recorded.
+//! - **Guards.** While a test runs, at most once a [`Window::tick`], the merged totals
+//!   are sampled into the guard's window together with the target's CPU, and
+//!   [`Guard::observe`] decides; the verdict reaches each runner in the answer to its
+//!   next report.
+//!
+//! State lives in memory on purpose: after a restart or a leader change the next round
+//! of reports (every runner reports every few seconds) rebuilds it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::watch;
+use trimtab_api::{
+    guard::{Decision, Guard, GuardEvent, GuardState, Sample, Window},
+    results::{LatencyHistogram, Results},
+    runner_protocol::{Directive, RunnerReport, RunnerStage},
+};
+
+use super::token::TokenKey;
+
+/// How far ahead of the last registration the start is set: enough for every waiting
+/// runner's poll to return and its timer to be armed.
+pub const START_LEAD: Duration = Duration::from_secs(2);
+/// A run nobody has reported on or reconciled for this long is dropped (its test was
+/// deleted, or another replica leads now).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// A test, by namespace and name.
+pub type TestKey = (String, String);
+
+/// What the reconciler knows of a test that the runners do not say.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The test's UID: its token is derived from it.
+    pub uid: String,
+    /// Runner pods (`spec.runners.parallelism`).
+    pub runners: u32,
+    /// The guard and its window, when the test has guards.
+    pub guard: Option<(Guard, Duration)>,
+}
+
+/// Why a report is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    /// This replica tracks no such test: it is not the leader, has just started, or
+    /// the test is gone.
+    #[error(
+        "LoadTest {0} is not tracked by this operator replica (not the leader, just restarted, or the test was deleted)"
+    )]
+    Unknown(String),
+    /// The token is not this test's.
+    #[error("the token is not LoadTest {0}'s runner token")]
+    Token(String),
+    /// The runner's index is not one of the test's.
+    #[error("runner index {index} is out of range: LoadTest {test} has {runners} runners")]
+    Index {
+        /// The test.
+        test: String,
+        /// The index given.
+        index: u32,
+        /// How many runners the test has.
+        runners: u32,
+    },
+}
+
+/// The answer to a report.
+#[derive(Debug)]
+pub enum Answer {
+    /// Answer now.
+    Now(Directive),
+    /// The runner waits for the start: answer when this holds a start time (or the
+    /// poll's time is up), with [`Runs::directive`].
+    WaitForStart(watch::Receiver<Option<u64>>),
+}
+
+/// A test's progress as the runners reported it.
+#[derive(Debug, Clone, Default)]
+pub struct RunSnapshot {
+    /// Runner pods expected.
+    pub expected: u32,
+    /// Registered and waiting for the start.
+    pub waiting: u32,
+    /// Sending load.
+    pub running: u32,
+    /// Reported their final results.
+    pub finished: u32,
+    /// The start every runner was given.
+    pub start_at: Option<SystemTime>,
+    /// The spread of the runners' actual starts, once every runner has started.
+    pub start_skew: Option<Duration>,
+    /// Users active across runners.
+    pub active_users: u64,
+    /// Users planned across runners.
+    pub target_users: u64,
+    /// Every runner's newest results, merged.
+    pub results: Results,
+    /// Requests per second over the last sampling interval.
+    pub rps: f64,
+    /// The guard's current state and why.
+    pub guard: GuardState,
+    /// The reason of the last hold or abort.
+    pub guard_reason: Option<String>,
+    /// Every change of the verdict.
+    pub guard_events: Vec<GuardEvent>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    seq: u64,
+    stage: RunnerStage,
+    started_at: Option<u64>,
+    active: u64,
+    target: u64,
+    results: Results,
+    /// This runner's share of the hold.
+    ceiling: Option<u64>,
+}
+
+#[derive(Debug)]
+struct RunState {
+    uid: String,
+    expected: u32,
+    slots: BTreeMap<u32, Slot>,
+    start_at: Option<SystemTime>,
+    start: watch::Sender<Option<u64>>,
+    guard: Option<GuardLoop>,
+    cpu: Option<f64>,
+    rate: Option<(Instant, u64)>,
+    rps: f64,
+    touched: Instant,
+}
+
+#[derive(Debug)]
+struct GuardLoop {
+    guard: Guard,
+    window: Window,
+    tick: Duration,
+    last: Option<Instant>,
+    reason: Option<String>,
+    events: Vec<GuardEvent>,
+}
+
+/// Every tracked test.
+#[derive(Debug, Clone)]
+pub struct Runs {
+    key: TokenKey,
+    inner: Arc<Mutex<HashMap<TestKey, RunState>>>,
+}
+
+impl Runs {
+    /// Tracks nothing yet; tokens are checked with `key`.
+    pub fn new(key: TokenKey) -> Self {
+        Self {
+            key,
+            inner: Arc::default(),
+        }
+    }
+
+    /// The runner token of the test with this UID.
+    pub fn token(&self, uid: &str) -> String {
+        self.key.token(uid)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<TestKey, RunState>> {
+        // A panic while holding the lock leaves plain data behind: keep using it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts tracking `test` (the reconciler calls this on every pass; a new UID, a
+    /// test deleted and made again, starts over).
+    pub fn track(&self, test: &TestKey, plan: Plan) {
+        let mut runs = self.lock();
+        let now = Instant::now();
+        runs.retain(|_, r| now.duration_since(r.touched) < FORGET_AFTER);
+        match runs.get_mut(test) {
+            Some(run) if run.uid == plan.uid => run.touched = now,
+            _ => {
+                let guard = plan.guard.map(|(guard, span)| GuardLoop {
+                    guard,
+                    window: Window::new(span),
+                    tick: Window::tick(span),
+                    last: None,
+                    reason: None,
+                    events: Vec::new(),
+                });
+                runs.insert(
+                    test.clone(),
+                    RunState {
+                        uid: plan.uid,
+                        expected: plan.runners,
+                        slots: BTreeMap::new(),
+                        start_at: None,
+                        start: watch::channel(None).0,
+                        guard,
+                        cpu: None,
+                        rate: None,
+                        rps: 0.0,
+                        touched: now,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Stops tracking `test`.
+    pub fn forget(&self, test: &TestKey) {
+        self.lock().remove(test);
+    }
+
+    /// The target pods' CPU utilization, for the guard.
+    pub fn set_cpu(&self, test: &TestKey, cpu: Option<f64>) {
+        if let Some(run) = self.lock().get_mut(test) {
+            run.cpu = cpu;
+        }
+    }
+
+    /// Takes runner `index`'s report.
+    pub fn report(
+        &self,
+        test: &TestKey,
+        index: u32,
+        token: &str,
+        report: RunnerReport,
+    ) -> Result<Answer, ReportError> {
+        let name = || format!("{}/{}", test.0, test.1);
+        let mut runs = self.lock();
+        let run = runs
+            .get_mut(test)
+            .ok_or_else(|| ReportError::Unknown(name()))?;
+        if !self.key.verify(&run.uid, token) {
+            return Err(ReportError::Token(name()));
+        }
+        if index >= run.expected {
+            return Err(ReportError::Index {
+                test: name(),
+                index,
+                runners: run.expected,
+            });
+        }
+        let now = Instant::now();
+        run.touched = now;
+        let slot = run.slots.entry(index).or_insert_with(|| Slot {
+            seq: 0,
+            stage: RunnerStage::Waiting,
+            started_at: None,
+            active: 0,
+            target: 0,
+            results: Results::default(),
+            ceiling: None,
+        });
+        let waiting = report.stage == RunnerStage::Waiting;
+        if report.seq >= slot.seq {
+            slot.seq = report.seq;
+            slot.stage = report.stage;
+            slot.started_at = report.started_at_unix_micros.or(slot.started_at);
+            slot.active = report.active_users;
+            slot.target = report.target_users;
+            if let Some(results) = report.results {
+                slot.results = results;
+            }
+        }
+        if run.start_at.is_none() && run.slots.len() == run.expected as usize {
+            let at = SystemTime::now() + START_LEAD;
+            run.start_at = Some(at);
+            run.start.send_replace(Some(unix_micros(at)));
+        }
+        if run.start_at.is_some() {
+            run.sample(now);
+        }
+        if waiting && run.start_at.is_none() {
+            return Ok(Answer::WaitForStart(run.start.subscribe()));
+        }
+        Ok(Answer::Now(run.directive(index)))
+    }
+
+    /// What runner `index` is told now.
+    pub fn directive(&self, test: &TestKey, index: u32) -> Directive {
+        self.lock()
+            .get(test)
+            .map(|run| run.directive(index))
+            .unwrap_or_default()
+    }
+
+    /// The test's progress, or `None` when this replica tracks it not.
+    pub fn snapshot(&self, test: &TestKey) -> Option<RunSnapshot> {
+        let mut runs = self.lock();
+        let run = runs.get_mut(test)?;
+        let mut snapshot = RunSnapshot {
+            expected: run.expected,
+            start_at: run.start_at,
+            ..RunSnapshot::default()
+        };
+        for slot in run.slots.values() {
+            match slot.stage {
+                RunnerStage::Waiting => snapshot.waiting += 1,
+                RunnerStage::Running => snapshot.running += 1,
+                RunnerStage::Finished => snapshot.finished += 1,
+            }
+            snapshot.active_users += slot.active;
+            snapshot.target_users += slot.target;
+            snapshot.results.merge(&slot.results);
+        }
+        let starts: Vec<u64> = run.slots.values().filter_map(|s| s.started_at).collect();
+        if starts.len() == run.expected as usize
+            && let (Some(first), Some(last)) = (starts.iter().min(), starts.iter().max())
+        {
+            snapshot.start_skew = Some(Duration::from_micros(last - first));
+        }
+        let now = Instant::now();
+        let total = snapshot.results.requests;
+        if let Some((at, before)) = run.rate {
+            let seconds = now.duration_since(at).as_secs_f64();
+            if seconds >= 1.0 {
+                run.rps = total.saturating_sub(before) as f64 / seconds;
+                run.rate = Some((now, total));
+            }
+        } else {
+            run.rate = Some((now, total));
+        }
+        snapshot.rps = run.rps;
+        if let Some(guard) = &run.guard {
+            snapshot.guard = guard.guard.state();
+            snapshot.guard_reason = guard.reason.clone();
+            snapshot.guard_events = guard.events.clone();
+        }
+        Some(snapshot)
+    }
+}
+
+impl RunState {
+    fn directive(&self, index: u32) -> Directive {
+        let mut directive = Directive {
+            start_at_unix_micros: self.start_at.map(unix_micros),
+            ..Directive::default()
+        };
+        if let Some(guard) = &self.guard {
+            match guard.guard.state() {
+                GuardState::Aborted => directive.abort = guard.reason.clone(),
+                GuardState::Holding => {
+                    directive.ceiling = self.slots.get(&index).and_then(|s| s.ceiling);
+                }
+                GuardState::Running => {}
+            }
+        }
+        directive
+    }
+
+    /// Samples the merged totals into the guard's window, at most once a tick, and acts
+    /// on the guard's decision.
+    fn sample(&mut self, now: Instant) {
+        let Some(guard) = &mut self.guard else {
+            return;
+        };
+        if guard
+            .last
+            .is_some_and(|last| now.duration_since(last) < guard.tick)
+        {
+            return;
+        }
+        guard.last = Some(now);
+        let mut latency = LatencyHistogram::default();
+        let (mut requests, mut failures, mut active) = (0, 0, 0);
+        for slot in self.slots.values() {
+            latency.merge(&slot.results.latency.corrected);
+            requests += slot.results.requests;
+            failures += slot.results.failures.total();
+            active += slot.active;
+        }
+        let mut stats = guard.window.push(Sample {
+            at: now,
+            requests,
+            failures,
+            latency,
+        });
+        stats.cpu = self.cpu;
+        let Some(decision) = guard.guard.observe(&stats, active) else {
+            return;
+        };
+        let at_seconds = self
+            .start_at
+            .and_then(|s| SystemTime::now().duration_since(s).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        let event = GuardEvent::new(&decision, at_seconds);
+        match decision {
+            Decision::Hold { ceiling, .. } => {
+                // Each runner sheds in proportion to its share of the active users.
+                for slot in self.slots.values_mut() {
+                    let share =
+                        (slot.active as f64 * ceiling as f64 / active.max(1) as f64).floor() as u64;
+                    slot.ceiling = Some(share.max(1));
+                }
+            }
+            Decision::Resume => {
+                for slot in self.slots.values_mut() {
+                    slot.ceiling = None;
+                }
+            }
+            Decision::Abort { .. } => {}
+        }
+        if !event.reason.is_empty() {
+            guard.reason = Some(event.reason.clone());
+        }
+        tracing::warn!(state = ?event.state, ceiling = ?event.ceiling, reason = %event.reason, "load test guard");
+        guard.events.push(event);
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn unix_micros(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use trimtab_api::{load_test::Guards, results::FailureKind};
+
+    use super::*;
+
+    fn runs() -> (Runs, TestKey, String) {
+        let key = TokenKey::from_bytes(&[1; 32]);
+        let token = key.token("uid-1");
+        (Runs::new(key), ("ns".into(), "t".into()), token)
+    }
+
+    fn report(seq: u64, stage: RunnerStage, results: Option<Results>) -> RunnerReport {
+        RunnerReport {
+            seq,
+            stage,
+            started_at_unix_micros: None,
+            active_users: 10,
+            target_users: 10,
+            results,
+        }
+    }
+
+    fn results(requests: u64, failed: u64, latency_ms: u64) -> Results {
+        let mut r = Results {
+            requests,
+            ..Results::default()
+        };
+        for _ in 0..requests {
+            r.latency
+                .record(Duration::from_millis(latency_ms), Duration::from_millis(1));
+        }
+        for _ in 0..failed {
+            r.failures.add(FailureKind::Check);
+        }
+        r
+    }
+
+    #[test]
+    fn the_start_is_fixed_when_the_last_runner_registers() {
+        let (runs, test, token) = runs();
+        runs.track(
+            &test,
+            Plan {
+                uid: "uid-1".into(),
+                runners: 2,
+                guard: None,
+            },
+        );
+        let first = runs
+            .report(&test, 0, &token, report(1, RunnerStage::Waiting, None))
+            .expect("registered");
+        let Answer::WaitForStart(mut waiting) = first else {
+            panic!("the first of two runners waits: {first:?}");
+        };
+        assert_eq!(*waiting.borrow_and_update(), None);
+        let second = runs
+            .report(&test, 1, &token, report(1, RunnerStage::Waiting, None))
+            .expect("registered");
+        let Answer::Now(directive) = second else {
+            panic!("the last runner gets the start at once: {second:?}");
+        };
+        let at = directive.start_at_unix_micros.expect("a start");
+        // The waiting runner sees the same instant.
+        assert!(waiting.has_changed().expect("open"));
+        assert_eq!(*waiting.borrow(), Some(at));
+        let ahead = at.saturating_sub(unix_micros(SystemTime::now()));
+        assert!(ahead > 1_000_000 && ahead <= 2_000_000, "{ahead} µs ahead");
+    }
+
+    #[test]
+    fn wrong_tokens_unknown_tests_and_bad_indexes_are_refused() {
+        let (runs, test, token) = runs();
+        let waiting = || report(1, RunnerStage::Waiting, None);
+        assert!(matches!(
+            runs.report(&test, 0, &token, waiting()),
+            Err(ReportError::Unknown(_))
+        ));
+        runs.track(
+            &test,
+            Plan {
+                uid: "uid-1".into(),
+                runners: 2,
+                guard: None,
+            },
+        );
+        let other = TokenKey::from_bytes(&[1; 32]).token("uid-2");
+        assert_eq!(
+            runs.report(&test, 0, &other, waiting()).err(),
+            Some(ReportError::Token("ns/t".into()))
+        );
+        assert!(matches!(
+            runs.report(&test, 2, &token, waiting()),
+            Err(ReportError::Index { index: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn results_merge_the_newest_report_of_each_runner() {
+        let (runs, test, token) = runs();
+        runs.track(
+            &test,
+            Plan {
+                uid: "uid-1".into(),
+                runners: 2,
+                guard: None,
+            },
+        );
+        let send = |index, seq, r| {
+            runs.report(
+                &test,
+                index,
+                &token,
+                report(seq, RunnerStage::Running, Some(r)),
+            )
+            .expect("taken");
+        };
+        send(0, 2, results(100, 0, 5));
+        send(1, 2, results(50, 5, 5));
+        // A late, older report of runner 0 changes nothing; a repeat neither.
+        send(0, 1, results(10, 0, 5));
+        send(1, 2, results(50, 5, 5));
+        let snapshot = runs.snapshot(&test).expect("tracked");
+        assert_eq!(snapshot.results.requests, 150);
+        assert_eq!(snapshot.results.failures.total(), 5);
+        assert_eq!(snapshot.results.latency.corrected.count(), 150);
+        assert_eq!(snapshot.running, 2);
+    }
+
+    #[test]
+    fn an_abort_reaches_every_runner_and_a_hold_splits_the_ceiling() {
+        let guards: Guards = serde_json::from_value(serde_json::json!({
+            "maxLoad": {"errorRate": 0.05},
+            "criticalLoad": {"errorRate": 0.5},
+            "window": "10s",
+        }))
+        .expect("guards");
+        let (runs, test, token) = runs();
+        runs.track(
+            &test,
+            Plan {
+                uid: "uid-1".into(),
+                runners: 2,
+                guard: Some((
+                    Guard::new(&guards, true).expect("guard"),
+                    Duration::from_secs(10),
+                )),
+            },
+        );
+        for index in 0..2 {
+            runs.report(&test, index, &token, report(1, RunnerStage::Waiting, None))
+                .expect("registered");
+        }
+        // One sample a tick: the registration took the first; let the next be taken.
+        let next_tick = || {
+            runs.lock()
+                .get_mut(&test)
+                .expect("run")
+                .guard
+                .as_mut()
+                .expect("guard")
+                .last = None;
+        };
+        next_tick();
+        // 10% errors: over maxLoad, the hold splits 20 users' ceiling between runners.
+        let answer = runs
+            .report(
+                &test,
+                0,
+                &token,
+                report(2, RunnerStage::Running, Some(results(100, 10, 5))),
+            )
+            .expect("taken");
+        let Answer::Now(directive) = answer else {
+            panic!("{answer:?}");
+        };
+        assert_eq!(directive.abort, None);
+        let snapshot = runs.snapshot(&test).expect("tracked");
+        assert_eq!(snapshot.guard, GuardState::Holding, "{snapshot:?}");
+        assert!(directive.ceiling.is_some_and(|c| c >= 1), "{directive:?}");
+        next_tick();
+        runs.report(
+            &test,
+            1,
+            &token,
+            report(2, RunnerStage::Running, Some(results(100, 95, 5))),
+        )
+        .expect("taken");
+        for index in 0..2 {
+            let abort = runs.directive(&test, index).abort;
+            assert!(
+                abort
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("criticalLoad: error rate")),
+                "{abort:?}"
+            );
+        }
+    }
+}
