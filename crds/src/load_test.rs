@@ -13,6 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    balancer_policy::{MetricsSource, PrometheusSource},
     duration::Duration,
     schema::{
         any_json_object_schema, conditions_schema, resources_schema, selector_schema, time_schema,
@@ -41,6 +42,9 @@ use crate::{
 #[x_kube(validation = Rule::new(
     "!has(self.workload.users) || self.runners.parallelism <= self.workload.users"
 ).message("runners.parallelism must not exceed workload.users: every runner needs at least one user"))]
+#[x_kube(validation = Rule::new(
+    "has(self.target.podSelector) || !has(self.guards) || [has(self.guards.maxLoad) && has(self.guards.maxLoad.cpu), has(self.guards.criticalLoad) && has(self.guards.criticalLoad.cpu)].all(x, !x)"
+).message("cpu guards read the target pods' CPU: set target.podSelector"))]
 pub struct LoadTestSpec {
     /// The system under test.
     pub target: Target,
@@ -307,6 +311,8 @@ pub struct Invariant {
 #[x_kube(validation = Rule::new("!has(self.maxLoad) || !has(self.criticalLoad) || !has(self.maxLoad.cpu) || !has(self.criticalLoad.cpu) || self.criticalLoad.cpu > self.maxLoad.cpu").message("guards.criticalLoad.cpu must exceed guards.maxLoad.cpu"))]
 #[x_kube(validation = Rule::new("!has(self.maxLoad) || !has(self.criticalLoad) || !has(self.maxLoad.errorRate) || !has(self.criticalLoad.errorRate) || self.criticalLoad.errorRate > self.maxLoad.errorRate").message("guards.criticalLoad.errorRate must exceed guards.maxLoad.errorRate"))]
 #[x_kube(validation = Rule::new("!has(self.maxLoad) || !has(self.criticalLoad) || !has(self.maxLoad.p99) || !has(self.criticalLoad.p99) || duration(self.criticalLoad.p99) > duration(self.maxLoad.p99)").message("guards.criticalLoad.p99 must exceed guards.maxLoad.p99"))]
+#[x_kube(validation = Rule::new("!has(self.cpuSource) || self.cpuSource != 'loadReports'").message("guards.cpuSource is metricsServer or prometheus (load reports come from sidecars, which a load test's target need not have)"))]
+#[x_kube(validation = Rule::new("!has(self.cpuSource) || self.cpuSource != 'prometheus' || has(self.prometheus)").message("guards.cpuSource prometheus requires guards.prometheus.url"))]
 pub struct Guards {
     /// Above any of these, the test holds: runners stop ramping and shed users back to
     /// the last level that was under the limits, then resume with hysteresis.
@@ -318,6 +324,14 @@ pub struct Guards {
     /// The window over which CPU, error rate and p99 are measured.
     #[serde(default = "defaults::guard_window")]
     pub window: Duration,
+    /// Where the target pods' CPU comes from for `cpu` limits: `metricsServer`
+    /// (metrics.k8s.io) or `prometheus`; utilization is usage ÷ the pods' CPU requests,
+    /// averaged over the pods `target.podSelector` picks.
+    #[serde(default)]
+    pub cpu_source: MetricsSource,
+    /// The Prometheus server and query, for `cpuSource: prometheus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSource>,
 }
 
 /// Load limits; any one exceeded trips the guard.

@@ -251,6 +251,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     let pods = wiring.pods.as_reader();
+    let pods_for_load_tests = pods.clone();
     let pods_synced = Arc::new(AtomicBool::new(false));
     {
         let (pods, synced) = (pods.clone(), Arc::clone(&pods_synced));
@@ -352,6 +353,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         load_test::run(
             client,
+            pods_for_load_tests,
             runner_settings,
             runs,
             metrics.controller("loadtest"),

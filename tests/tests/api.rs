@@ -430,6 +430,29 @@ fn refusals() -> Vec<Refusal> {
             message: "guards.criticalLoad.cpu must exceed guards.maxLoad.cpu",
         },
         Refusal {
+            what: "a CPU guard without target pods",
+            object: with(lt(), "/spec/guards", json!({"criticalLoad": {"cpu": 0.9}})),
+            message: "cpu guards read the target pods' CPU: set target.podSelector",
+        },
+        Refusal {
+            what: "load reports as the guards' CPU source",
+            object: with(
+                lt(),
+                "/spec/guards",
+                json!({"criticalLoad": {"errorRate": 0.5}, "cpuSource": "loadReports"}),
+            ),
+            message: "guards.cpuSource is metricsServer or prometheus",
+        },
+        Refusal {
+            what: "a Prometheus CPU source without a server",
+            object: with(
+                lt(),
+                "/spec/guards",
+                json!({"criticalLoad": {"errorRate": 0.5}, "cpuSource": "prometheus"}),
+            ),
+            message: "guards.cpuSource prometheus requires guards.prometheus.url",
+        },
+        Refusal {
             what: "an empty load limit",
             object: with(lt(), "/spec/guards", json!({"maxLoad": {}})),
             message: "a load limit needs at least one of cpu, errorRate or p99",

@@ -4,8 +4,9 @@
 //! `trimtab-bots` processes against the shop example on loopback. The runners register
 //! with the operator, start together and report; the test checks the merged status and
 //! report against the runners' own results, the invariant violations of the oversell
-//! bug, a refused runner token, a broken scenario, and a criticalLoad abort proven by
-//! the shop's own request counter.
+//! bug, a refused runner token, a broken scenario, a criticalLoad abort proven by the
+//! shop's own request counter, and CPU guards reading a real Prometheus: maxLoad pauses
+//! and resumes, criticalLoad aborts.
 
 use std::{
     collections::BTreeMap,
@@ -18,11 +19,11 @@ use std::{
 
 use k8s_openapi::api::{
     batch::v1::Job,
-    core::v1::{ConfigMap, Event, Secret},
+    core::v1::{ConfigMap, Event, Pod, Secret},
 };
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 use trimtab_api::{
@@ -34,6 +35,7 @@ use trimtab_tests::{
     crds,
     node_agent::NodeAgent,
     operator_process::{OperatorProcess, ServingCert, free_addr, workspace_binary},
+    prometheus_server::{CpuExporter, Prometheus},
 };
 
 const NAMESPACE: &str = "load";
@@ -180,6 +182,65 @@ async fn shop_requests(addr: SocketAddr) -> u64 {
         .filter(|l| l.starts_with("shop_requests_total{") && !l.contains("route=\"metrics\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// The shop's request count, with when it was read.
+type Counts = Arc<Mutex<Vec<(SystemTime, u64)>>>;
+
+/// The shop's request count every 100 ms, for at most two minutes.
+fn count_requests(addr: SocketAddr) -> (tokio::task::JoinHandle<()>, Counts) {
+    let counts: Counts = Arc::default();
+    let sampler = {
+        let counts = Arc::clone(&counts);
+        tokio::spawn(async move {
+            for _ in 0..1200 {
+                let n = shop_requests(addr).await;
+                counts.lock().expect("counts").push((SystemTime::now(), n));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    (sampler, counts)
+}
+
+/// The target's own counter shows no request later than two report intervals after
+/// the guard's breach (the abort event in the report).
+async fn assert_quiet_after_breach(
+    cluster: &TestCluster,
+    test: &str,
+    sampler: tokio::task::JoinHandle<()>,
+    counts: &Mutex<Vec<(SystemTime, u64)>>,
+) {
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sampler.abort();
+    let (report_json, _) = report(cluster, test).await;
+    let start = report_json["startAtUnixMicros"].as_u64().expect("start");
+    let breach_at = report_json["guardEvents"]
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["state"] == "aborted"))
+        .and_then(|e| e["atSeconds"].as_f64())
+        .expect("the abort event");
+    let breach = UNIX_EPOCH + Duration::from_micros(start) + Duration::from_secs_f64(breach_at);
+    let counts = counts.lock().expect("counts").clone();
+    let total = counts.last().map(|c| c.1).unwrap_or_default();
+    assert!(total > 0, "{test} sent nothing");
+    let last_change = counts
+        .windows(2)
+        .rev()
+        .find(|w| w[1].1 != w[0].1)
+        .map(|w| w[1].0)
+        .expect("the counter moved");
+    eprintln!(
+        "{test}: last request at the target {:?} after the breach",
+        last_change.duration_since(breach).unwrap_or_default()
+    );
+    // Two report intervals (2 s each), plus the sampler's own 100 ms period.
+    let limit = breach + Duration::from_millis(4_100);
+    assert!(
+        last_change <= limit,
+        "{test}: a request arrived {:?} after the breach",
+        last_change.duration_since(breach).unwrap_or_default()
+    );
 }
 
 #[tokio::test]
@@ -367,17 +428,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
     // 3. criticalLoad: every request fails its check; the guard aborts the test, and the
     //    shop's own counter shows nothing arrived 2 report intervals after the breach.
     let (doomed_addr, _doomed_shop) = shop(&[]);
-    let counts: Arc<Mutex<Vec<(SystemTime, u64)>>> = Arc::default();
-    let sampler = {
-        let counts = Arc::clone(&counts);
-        tokio::spawn(async move {
-            for _ in 0..1200 {
-                let n = shop_requests(doomed_addr).await;
-                counts.lock().expect("counts").push((SystemTime::now(), n));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let (sampler, counts) = count_requests(doomed_addr);
     let doomed = load_test(
         "doomed",
         &format!("http://{doomed_addr}"),
@@ -400,41 +451,78 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         "{:?}",
         status.conditions
     );
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    sampler.abort();
-    let (report_json, _) = report(&cluster, "doomed").await;
-    let start = report_json["startAtUnixMicros"].as_u64().expect("start");
-    let breach_at = report_json["guardEvents"]
-        .as_array()
-        .and_then(|events| events.iter().find(|e| e["state"] == "aborted"))
-        .and_then(|e| e["atSeconds"].as_f64())
-        .expect("the abort event");
-    let breach = UNIX_EPOCH + Duration::from_micros(start) + Duration::from_secs_f64(breach_at);
-    let counts = counts.lock().expect("counts").clone();
-    let total = counts.last().map(|c| c.1).unwrap_or_default();
-    assert!(total > 0, "the doomed test sent nothing");
-    let last_change = counts
-        .windows(2)
-        .rev()
-        .find(|w| w[1].1 != w[0].1)
-        .map(|w| w[1].0)
-        .expect("the counter moved");
-    eprintln!(
-        "last request at the target {:?} after the breach",
-        last_change.duration_since(breach).unwrap_or_default()
-    );
-    // Two report intervals (2 s each), plus the sampler's own 100 ms period.
-    let limit = breach + Duration::from_millis(4_100);
-    assert!(
-        last_change <= limit,
-        "a request arrived {:?} after the breach",
-        last_change.duration_since(breach).unwrap_or_default()
-    );
+    assert_quiet_after_breach(&cluster, "doomed", sampler, &counts).await;
     // onSuccess keeps an aborted test's Job for inspection, suspended.
     let job = jobs.get("doomed-runners").await.expect("job");
     assert_eq!(job.spec.and_then(|s| s.suspend), Some(true));
 
-    // 4. A scenario the runners refuse (a CEL check that does not compile) fails it.
+    // 4. CPU guards from a real Prometheus: over maxLoad the test pauses, back under
+    //    it resumes, over criticalLoad it aborts.
+    let (exporter, exporter_addr) = CpuExporter::start().await.expect("exporter starts");
+    exporter.set_cores(NAMESPACE, "hot-0", 0.2);
+    let prometheus = Prometheus::start(exporter_addr)
+        .await
+        .expect("prometheus starts");
+    let target_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "hot-0", "labels": {"app": "hot"}},
+        // Bound elsewhere: only its labels and CPU request matter here.
+        "spec": {"nodeName": "elsewhere", "containers": [{"name": "app", "image": "shop",
+                 "resources": {"requests": {"cpu": "1"}}}]},
+    }))
+    .expect("pod");
+    Api::<Pod>::namespaced(cluster.client(), NAMESPACE)
+        .create(&PostParams::default(), &target_pod)
+        .await
+        .expect("target pod");
+    let (hot_addr, _hot_shop) = shop(&[]);
+    let (sampler, counts) = count_requests(hot_addr);
+    let hot = load_test(
+        "hot",
+        &format!("http://{hot_addr}"),
+        json!({
+            "target": {"url": format!("http://{hot_addr}"), "podSelector": {"matchLabels": {"app": "hot"}}},
+            "workload": {"users": 4, "duration": "120s"},
+            "scenario": looping("/healthz", "response.status == 200", "50ms"),
+            "guards": {
+                "maxLoad": {"cpu": 0.6},
+                "criticalLoad": {"cpu": 0.9},
+                "window": "2s",
+                "cpuSource": "prometheus",
+                "prometheus": {
+                    "url": prometheus.url(),
+                    "query": "sum by (pod) (rate(container_cpu_usage_seconds_total{namespace=\"$namespace\",container!=\"\"}[5s]))",
+                },
+            },
+        }),
+    );
+    tests
+        .patch("hot", &apply, &Patch::Apply(&hot))
+        .await
+        .expect("create hot");
+    wait_for_phase(&tests, "hot", Phase::Running).await;
+    exporter.set_cores(NAMESPACE, "hot-0", 0.75);
+    let paused = wait_for_phase(&tests, "hot", Phase::Paused).await;
+    let guard = paused.status.and_then(|s| s.guard).expect("guard status");
+    assert!(
+        guard
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("maxLoad: cpu")),
+        "{guard:?}"
+    );
+    exporter.set_cores(NAMESPACE, "hot-0", 0.2);
+    wait_for_phase(&tests, "hot", Phase::Running).await;
+    exporter.set_cores(NAMESPACE, "hot-0", 1.0);
+    let aborted = wait_for_phase(&tests, "hot", Phase::Aborted).await;
+    let reason = aborted
+        .status
+        .and_then(|s| s.guard)
+        .and_then(|g| g.reason)
+        .unwrap_or_default();
+    assert!(reason.starts_with("criticalLoad: cpu"), "{reason}");
+    assert_quiet_after_breach(&cluster, "hot", sampler, &counts).await;
+
+    // 5. A scenario the runners refuse (a CEL check that does not compile) fails it.
     tests
         .patch(
             "broken",

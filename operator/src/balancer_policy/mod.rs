@@ -49,7 +49,7 @@ use crate::{
     load_reports::LoadReports,
     metrics::ControllerMetrics,
     metrics_source::CpuUsage,
-    metrics_source::{MetricsServer, MetricsSource, Prometheus},
+    metrics_source::MetricsSource,
     sidecar_counts::{self, Counting, Replica, SidecarTotals},
     weights::{self, Fleet, Observation, Sample, TransitionKind, WeightState},
 };
@@ -494,53 +494,55 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
     // compute: cpuWeighted from CPU samples; every other algorithm gets equal weights,
     // which is what the weight controller gives endpoints without samples.
     let now = SystemTime::now();
-    let (weighting, mut degraded, requeue, usage, reported) =
-        if spec.algorithm == Algorithm::CpuWeighted {
-            let weighting = spec.weighting.clone().unwrap_or_default();
-            if weighting.source == SourceKind::LoadReports {
-                // Until traffic flows there is nothing to report: no problem, equal weights.
-                let interval = weighting.interval.get();
-                let reported = ctx.load_reports.samples(&key, now);
-                (weighting, None, interval, CpuUsage::default(), reported)
-            } else {
-                let source = source_for(&weighting, &ctx.client);
-                let (usage, problem) = match source.cpu_usage(namespace).await {
-                    Ok(u) => (u, None),
-                    Err(e) => {
-                        ctx.metrics.metrics_source_error(&e.to_string());
-                        let message = format!("{e}; keeping the last weights until they expire");
-                        (
-                            CpuUsage::default(),
-                            Some((reason::METRICS_UNAVAILABLE, message)),
-                        )
-                    }
-                };
-                let missing: Vec<_> = resolved
-                    .iter()
-                    .filter(|e| e.cpu_request_millis.is_none())
-                    .filter_map(|e| e.pod.clone())
-                    .collect();
-                let problem = problem.or_else(|| {
-                    (!missing.is_empty()).then(|| {
-                        let message = format!(
-                            "pods without CPU requests, so their utilization is unknown: {}",
-                            missing.join(", ")
-                        );
-                        (reason::CPU_REQUESTS_MISSING, message)
-                    })
-                });
-                let interval = weighting.interval.get();
-                (weighting, problem, interval, usage, HashMap::new())
-            }
+    let (weighting, mut degraded, requeue, usage, reported) = if spec.algorithm
+        == Algorithm::CpuWeighted
+    {
+        let weighting = spec.weighting.clone().unwrap_or_default();
+        if weighting.source == SourceKind::LoadReports {
+            // Until traffic flows there is nothing to report: no problem, equal weights.
+            let interval = weighting.interval.get();
+            let reported = ctx.load_reports.samples(&key, now);
+            (weighting, None, interval, CpuUsage::default(), reported)
         } else {
-            (
-                Weighting::default(),
-                None,
-                RESYNC,
-                CpuUsage::default(),
-                HashMap::new(),
-            )
-        };
+            let source =
+                MetricsSource::new(weighting.source, weighting.prometheus.as_ref(), &ctx.client);
+            let (usage, problem) = match source.cpu_usage(namespace).await {
+                Ok(u) => (u, None),
+                Err(e) => {
+                    ctx.metrics.metrics_source_error(&e.to_string());
+                    let message = format!("{e}; keeping the last weights until they expire");
+                    (
+                        CpuUsage::default(),
+                        Some((reason::METRICS_UNAVAILABLE, message)),
+                    )
+                }
+            };
+            let missing: Vec<_> = resolved
+                .iter()
+                .filter(|e| e.cpu_request_millis.is_none())
+                .filter_map(|e| e.pod.clone())
+                .collect();
+            let problem = problem.or_else(|| {
+                (!missing.is_empty()).then(|| {
+                    let message = format!(
+                        "pods without CPU requests, so their utilization is unknown: {}",
+                        missing.join(", ")
+                    );
+                    (reason::CPU_REQUESTS_MISSING, message)
+                })
+            });
+            let interval = weighting.interval.get();
+            (weighting, problem, interval, usage, HashMap::new())
+        }
+    } else {
+        (
+            Weighting::default(),
+            None,
+            RESYNC,
+            CpuUsage::default(),
+            HashMap::new(),
+        )
+    };
     let observations: Vec<Observation> = resolved
         .iter()
         .map(|e| Observation {
@@ -634,24 +636,6 @@ fn backend_name(spec: &BalancerPolicySpec) -> String {
 
 fn route_for(policy: &BalancerPolicy, namespace: &str, endpoints: Vec<Endpoint>) -> Route {
     Route::resolved(policy, namespace, endpoints)
-}
-
-fn source_for(weighting: &Weighting, client: &Client) -> MetricsSource {
-    match weighting.source {
-        SourceKind::MetricsServer => {
-            MetricsSource::MetricsServer(MetricsServer::new(client.clone()))
-        }
-        SourceKind::Prometheus => {
-            let p = weighting.prometheus.clone().unwrap_or_else(|| {
-                trimtab_api::balancer_policy::PrometheusSource {
-                    url: String::new(),
-                    query: String::new(),
-                }
-            });
-            MetricsSource::Prometheus(Box::new(Prometheus::new(&p.url, &p.query)))
-        }
-        SourceKind::LoadReports => MetricsSource::LoadReports,
-    }
 }
 
 /// Counts the failure and retries with backoff-free requeue; one bad object never stops

@@ -14,6 +14,7 @@
 pub mod objects;
 pub mod report;
 pub mod runs;
+pub mod target_cpu;
 pub mod token;
 
 use std::{sync::Arc, time::Duration};
@@ -22,7 +23,7 @@ use futures_util::StreamExt;
 use k8s_openapi::{
     api::{
         batch::v1::Job,
-        core::v1::{ConfigMap, Secret},
+        core::v1::{ConfigMap, Pod, Secret},
     },
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
@@ -34,6 +35,7 @@ use kube::{
         Controller,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
+        reflector::Store,
         watcher,
     },
 };
@@ -45,7 +47,9 @@ use trimtab_api::{
 
 pub use self::objects::RunnerSettings;
 use self::runs::{Plan, Runs};
-use crate::{conditions, leader::Leadership, metrics::ControllerMetrics};
+use crate::{
+    conditions, leader::Leadership, metrics::ControllerMetrics, metrics_source::MetricsSource,
+};
 
 /// The field manager of everything this controller applies.
 const FIELD_MANAGER: &str = "trimtab-operator";
@@ -88,6 +92,9 @@ pub enum ReconcileError {
 
 struct Context {
     client: Client,
+    /// Every pod (the BalancerPolicy controller's reflector): the target pods' CPU
+    /// requests.
+    pods: Store<Pod>,
     leadership: Leadership,
     recorder: Recorder,
     settings: RunnerSettings,
@@ -98,6 +105,7 @@ struct Context {
 /// Runs the controller until shutdown.
 pub async fn run(
     client: Client,
+    pods: Store<Pod>,
     settings: RunnerSettings,
     runs: Runs,
     metrics: ControllerMetrics,
@@ -107,6 +115,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
+        pods,
         leadership,
         settings,
         runs,
@@ -188,13 +197,12 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
         Plan {
             uid: uid.clone(),
             runners: test.spec.runners.parallelism,
-            // The target's CPU is not read yet: cpu limits are left out (see the guard
-            // condition's message).
-            guard: test
-                .spec
-                .guards
-                .as_ref()
-                .and_then(|g| Guard::new(g, false).map(|guard| (guard, g.window.get()))),
+            // CPU is judged where it can be read: validation makes cpu limits need a
+            // target.podSelector.
+            guard: test.spec.guards.as_ref().and_then(|g| {
+                let cpu = test.spec.target.pod_selector.is_some();
+                Guard::new(g, cpu).map(|guard| (guard, g.window.get()))
+            }),
         },
     );
     let scenario = objects::scenario(&test).map_err(|source| ReconcileError::Encode {
@@ -235,6 +243,10 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
                 .map_err(api_error("creating the runner Job"))?
         }
     };
+    if run_started(&ctx.runs, &key) {
+        ctx.runs
+            .set_cpu(&key, target_cpu(&ctx, &test, &namespace).await);
+    }
     let waited = job
         .metadata
         .creation_timestamp
@@ -288,6 +300,41 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
     } else {
         WHILE_RUNNING
     }))
+}
+
+/// Whether the test's runners have been given their start.
+fn run_started(runs: &Runs, key: &runs::TestKey) -> bool {
+    runs.snapshot(key).is_some_and(|r| r.start_at.is_some())
+}
+
+/// The target pods' mean CPU utilization when the guards have a cpu limit; `None` when
+/// it cannot be read (then only error rate and p99 are judged, and the failure is
+/// logged).
+async fn target_cpu(ctx: &Context, test: &LoadTest, namespace: &str) -> Option<f64> {
+    let guards = test.spec.guards.as_ref()?;
+    let has_cpu = [&guards.max_load, &guards.critical_load]
+        .into_iter()
+        .flatten()
+        .any(|l| l.cpu.is_some());
+    let selector = test.spec.target.pod_selector.clone()?;
+    if !has_cpu {
+        return None;
+    }
+    let selector = match kube::core::Selector::try_from(selector) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(test = %test.name_any(), error = %e, "target.podSelector is not a selector");
+            return None;
+        }
+    };
+    let source = MetricsSource::new(guards.cpu_source, guards.prometheus.as_ref(), &ctx.client);
+    match source.cpu_usage(namespace).await {
+        Ok(usage) => target_cpu::utilization(&ctx.pods.state(), namespace, &selector, &usage),
+        Err(e) => {
+            tracing::warn!(test = %test.name_any(), error = %e, "the target's CPU is unavailable");
+            None
+        }
+    }
 }
 
 /// Deletes the test's Job and its pods; a Job already gone is fine.

@@ -65,6 +65,24 @@ pub enum MetricsSource {
 }
 
 impl MetricsSource {
+    /// The source a spec names (`weighting.source`, `guards.cpuSource`), with its
+    /// Prometheus server when it is `prometheus` (validation makes sure it is given).
+    pub fn new(
+        kind: trimtab_api::balancer_policy::MetricsSource,
+        prometheus: Option<&trimtab_api::balancer_policy::PrometheusSource>,
+        client: &kube::Client,
+    ) -> Self {
+        use trimtab_api::balancer_policy::MetricsSource as Kind;
+        match kind {
+            Kind::MetricsServer => Self::MetricsServer(MetricsServer::new(client.clone())),
+            Kind::Prometheus => {
+                let (url, query) = prometheus.map_or(("", ""), |p| (&p.url, &p.query));
+                Self::Prometheus(Box::new(Prometheus::new(url, query)))
+            }
+            Kind::LoadReports => Self::LoadReports,
+        }
+    }
+
     /// CPU usage of the pods of `namespace` that the source knows.
     pub async fn cpu_usage(&self, namespace: &str) -> Result<CpuUsage, MetricsSourceError> {
         match self {
