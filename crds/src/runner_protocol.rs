@@ -1,4 +1,4 @@
-//! What LoadTest runners and the operator say to each other (`docs/load-test-runners.md`).
+//! What LoadTest runners and the operator say to each other (`docs/load-tests.md`).
 //!
 //! One call does everything: a runner `POST`s a [`RunnerReport`] to
 //! [`report_path`] on the operator's HTTPS port, with the test's token as a bearer

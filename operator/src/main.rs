@@ -336,11 +336,17 @@ async fn main() -> anyhow::Result<()> {
             args.ca_bundle_check_interval.get(),
         ));
     }
-    let runner_settings = load_test::RunnerSettings {
-        image: args.sidecar_image.clone(),
-        pull_policy: args.sidecar_image_pull_policy.clone(),
-        control_plane_url,
-        ca_pem,
+    let load_tests = load_test::Wiring {
+        pods: pods_for_load_tests,
+        runs,
+        settings: load_test::RunnerSettings {
+            image: args.sidecar_image.clone(),
+            pull_policy: args.sidecar_image_pull_policy.clone(),
+            control_plane_url,
+            ca_pem,
+        },
+        live: load_test::metrics::LoadTestMetrics::register(&registry)
+            .context("registering metrics")?,
     };
     // Both controllers stop on the shutdown signal.
     tokio::join!(
@@ -353,9 +359,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         load_test::run(
             client,
-            pods_for_load_tests,
-            runner_settings,
-            runs,
+            load_tests,
             metrics.controller("loadtest"),
             reporter,
             leadership,

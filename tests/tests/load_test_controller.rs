@@ -166,19 +166,26 @@ async fn report(cluster: &TestCluster, test: &str) -> (serde_json::Value, String
     )
 }
 
-/// The shop's own count of answered requests, but for its /metrics scrapes.
-async fn shop_requests(addr: SocketAddr) -> u64 {
+/// `GET path` on a plain HTTP server, the body ("" when it does not answer).
+async fn get_text(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return 0;
+        return String::new();
     };
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
-        return 0;
+        return String::new();
     }
     let mut text = String::new();
     let _ = stream.read_to_string(&mut text).await;
-    text.lines()
+    text
+}
+
+/// The shop's own count of answered requests, but for its /metrics scrapes.
+async fn shop_requests(addr: SocketAddr) -> u64 {
+    get_text(addr, "/metrics")
+        .await
+        .lines()
         .filter(|l| l.starts_with("shop_requests_total{") && !l.contains("route=\"metrics\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
@@ -500,6 +507,12 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         .await
         .expect("create hot");
     wait_for_phase(&tests, "hot", Phase::Running).await;
+    // The live numbers are on the operator's /metrics too.
+    let operator_metrics = get_text(operator.admin_addr, "/metrics").await;
+    assert!(
+        operator_metrics.contains(r#"trimtab_loadtest_requests{loadtest="hot",namespace="load"}"#),
+        "{operator_metrics}"
+    );
     exporter.set_cores(NAMESPACE, "hot-0", 0.75);
     let paused = wait_for_phase(&tests, "hot", Phase::Paused).await;
     let guard = paused.status.and_then(|s| s.guard).expect("guard status");

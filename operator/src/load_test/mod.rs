@@ -11,6 +11,7 @@
 //! ended. Only the leader writes; runners that report to another replica are told to
 //! retry.
 
+pub mod metrics;
 pub mod objects;
 pub mod report;
 pub mod runs;
@@ -100,14 +101,27 @@ struct Context {
     settings: RunnerSettings,
     runs: Runs,
     metrics: ControllerMetrics,
+    live: metrics::LoadTestMetrics,
+}
+
+/// What the controller shares with the rest of the operator.
+#[derive(Debug, Clone)]
+pub struct Wiring {
+    /// Every pod (the BalancerPolicy controller's reflector): the target pods' CPU
+    /// requests.
+    pub pods: Store<Pod>,
+    /// The runs the config server's runner endpoint feeds.
+    pub runs: Runs,
+    /// How runner pods are made.
+    pub settings: RunnerSettings,
+    /// Live numbers on `/metrics`.
+    pub live: metrics::LoadTestMetrics,
 }
 
 /// Runs the controller until shutdown.
 pub async fn run(
     client: Client,
-    pods: Store<Pod>,
-    settings: RunnerSettings,
-    runs: Runs,
+    wiring: Wiring,
     metrics: ControllerMetrics,
     reporter: Reporter,
     leadership: Leadership,
@@ -115,11 +129,12 @@ pub async fn run(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
-        pods,
+        pods: wiring.pods,
         leadership,
-        settings,
-        runs,
+        settings: wiring.settings,
+        runs: wiring.runs,
         metrics,
+        live: wiring.live,
     });
     Controller::new(
         Api::<LoadTest>::all(client.clone()),
@@ -254,6 +269,9 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
         .and_then(|t| Timestamp::now().duration_since(t.0).try_into().ok())
         .unwrap_or_default();
     let run = ctx.runs.snapshot(&key);
+    if let Some(run) = &run {
+        ctx.live.set(&key, run);
+    }
     let progress = objects::progress(
         Some(&job),
         run.as_ref(),
@@ -293,6 +311,7 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
                 .map_err(api_error("deleting the runner Job"))?;
         }
         ctx.runs.forget(&key);
+        ctx.live.remove(&key);
     }
     ctx.metrics.observe_reconcile(started.elapsed());
     Ok(Action::requeue(if ended {
@@ -331,7 +350,8 @@ async fn target_cpu(ctx: &Context, test: &LoadTest, namespace: &str) -> Option<f
     match source.cpu_usage(namespace).await {
         Ok(usage) => target_cpu::utilization(&ctx.pods.state(), namespace, &selector, &usage),
         Err(e) => {
-            tracing::warn!(test = %test.name_any(), error = %e, "the target's CPU is unavailable");
+            ctx.metrics
+                .metrics_source_error(&format!("LoadTest {}: {e}", test.name_any()));
             None
         }
     }
