@@ -521,20 +521,6 @@ fn metric_sum(text: &str, family: &str) -> f64 {
         .sum()
 }
 
-/// User + system CPU seconds of `pid` (USER_HZ is 100 on Linux).
-fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let stat = pid
-        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split(' ').collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-    // After the command: state is field 3, utime 14 and stime 15 (1-based) → 11, 12.
-    ticks(11).unwrap_or(0.0) / 100.0 + ticks(12).unwrap_or(0.0) / 100.0
-}
-
 async fn scrape(operator: &OperatorProcess) -> Scrape {
     let text = admin_get(operator, "/metrics").await;
     Scrape {
@@ -543,23 +529,8 @@ async fn scrape(operator: &OperatorProcess) -> Scrape {
         reconcile_errors: metric_sum(&text, "trimtab_operator_reconcile_errors_total"),
         duration_sum: metric_sum(&text, "trimtab_operator_reconcile_duration_seconds_sum"),
         duration_count: metric_sum(&text, "trimtab_operator_reconcile_duration_seconds_count"),
-        cpu_seconds: cpu_seconds(operator.pid()),
+        cpu_seconds: operator.cpu_seconds(),
     }
-}
-
-/// VmRSS and VmHWM of `pid`, in MB.
-fn memory_mb(pid: Option<u32>) -> (f64, f64) {
-    let status = pid
-        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .unwrap_or_default();
-    let kb = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
 }
 
 /// The soft limit on open files, from `/proc/self/limits`.
@@ -906,7 +877,7 @@ async fn main() {
     let sampling_to = scrape(&operator).await;
     // Give the watch a moment for the last statuses.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_mb, hwm_mb) = memory_mb(operator.pid());
+    let (rss_mb, hwm_mb) = operator.memory_mb();
     let status_writes = status_log.lock().expect("status log").modified - writes_before;
 
     let _ = stop_tx.send(true);

@@ -8,3 +8,4 @@ pub mod crds;
 pub mod node_agent;
 pub mod operator_process;
 pub mod prometheus_server;
+pub mod shop;

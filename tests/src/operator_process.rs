@@ -195,6 +195,37 @@ impl OperatorProcess {
         self.child.id()
     }
 
+    /// User + system CPU seconds so far (USER_HZ is 100 on Linux); 0 once it exited.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = self
+            .pid()
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+            .unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.split(' ').collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+        // After the command: state is field 3, utime 14 and stime 15 (1-based) → 11, 12.
+        ticks(11).unwrap_or(0.0) / 100.0 + ticks(12).unwrap_or(0.0) / 100.0
+    }
+
+    /// VmRSS and VmHWM (the peak), in MB; NaN once it exited.
+    pub fn memory_mb(&self) -> (f64, f64) {
+        let status = self
+            .pid()
+            .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+            .unwrap_or_default();
+        let kb = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+    }
+
     /// SIGKILL, as when its node dies.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;

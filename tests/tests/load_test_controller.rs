@@ -10,11 +10,8 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, UNIX_EPOCH},
 };
 
 use k8s_openapi::api::{
@@ -36,6 +33,7 @@ use trimtab_tests::{
     node_agent::NodeAgent,
     operator_process::{OperatorProcess, ServingCert, free_addr, workspace_binary},
     prometheus_server::{CpuExporter, Prometheus},
+    shop::{self, RequestLog},
 };
 
 const NAMESPACE: &str = "load";
@@ -106,20 +104,6 @@ async fn wait_for_phase(tests: &Api<LoadTest>, name: &str, phase: Phase) -> Load
     }
 }
 
-/// A shop on a free loopback port.
-fn shop(args: &[&str]) -> (SocketAddr, tokio::process::Child) {
-    let addr = free_addr();
-    let child = tokio::process::Command::new(workspace_binary("shop", "shop").expect("shop"))
-        .arg(format!("--listen={addr}"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("shop starts");
-    (addr, child)
-}
-
 /// `trimtab-bots` as the node agent runs it, with `--json` into the container's own
 /// directory: what each runner process itself measured, to check the merge against.
 fn bots_recording_results(dir: &Path, bots: &Path) -> PathBuf {
@@ -166,60 +150,11 @@ async fn report(cluster: &TestCluster, test: &str) -> (serde_json::Value, String
     )
 }
 
-/// `GET path` on a plain HTTP server, the body ("" when it does not answer).
-async fn get_text(addr: SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text).await;
-    text
-}
-
-/// The shop's own count of answered requests, but for its /metrics scrapes.
-async fn shop_requests(addr: SocketAddr) -> u64 {
-    get_text(addr, "/metrics")
-        .await
-        .lines()
-        .filter(|l| l.starts_with("shop_requests_total{") && !l.contains("route=\"metrics\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
-/// The shop's request count, with when it was read.
-type Counts = Arc<Mutex<Vec<(SystemTime, u64)>>>;
-
-/// The shop's request count every 100 ms, for at most two minutes.
-fn count_requests(addr: SocketAddr) -> (tokio::task::JoinHandle<()>, Counts) {
-    let counts: Counts = Arc::default();
-    let sampler = {
-        let counts = Arc::clone(&counts);
-        tokio::spawn(async move {
-            for _ in 0..1200 {
-                let n = shop_requests(addr).await;
-                counts.lock().expect("counts").push((SystemTime::now(), n));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
-    (sampler, counts)
-}
-
 /// The target's own counter shows no request later than two report intervals after
 /// the guard's breach (the abort event in the report).
-async fn assert_quiet_after_breach(
-    cluster: &TestCluster,
-    test: &str,
-    sampler: tokio::task::JoinHandle<()>,
-    counts: &Mutex<Vec<(SystemTime, u64)>>,
-) {
+async fn assert_quiet_after_breach(cluster: &TestCluster, test: &str, log: RequestLog) {
     tokio::time::sleep(Duration::from_secs(6)).await;
-    sampler.abort();
+    let (total, last_change) = log.stop();
     let (report_json, _) = report(cluster, test).await;
     let start = report_json["startAtUnixMicros"].as_u64().expect("start");
     let breach_at = report_json["guardEvents"]
@@ -228,15 +163,8 @@ async fn assert_quiet_after_breach(
         .and_then(|e| e["atSeconds"].as_f64())
         .expect("the abort event");
     let breach = UNIX_EPOCH + Duration::from_micros(start) + Duration::from_secs_f64(breach_at);
-    let counts = counts.lock().expect("counts").clone();
-    let total = counts.last().map(|c| c.1).unwrap_or_default();
     assert!(total > 0, "{test} sent nothing");
-    let last_change = counts
-        .windows(2)
-        .rev()
-        .find(|w| w[1].1 != w[0].1)
-        .map(|w| w[1].0)
-        .expect("the counter moved");
+    let last_change = last_change.expect("the counter moved");
     eprintln!(
         "{test}: last request at the target {:?} after the breach",
         last_change.duration_since(breach).unwrap_or_default()
@@ -264,7 +192,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         .start_controller_manager(&["job", "garbagecollector"])
         .expect("kube-controller-manager");
 
-    let (shop_addr, _shop) = shop(&[]);
+    let (shop_addr, _shop) = shop::start(&[]);
     let bots = workspace_binary("trimtab-sidecar", "trimtab-bots").expect("trimtab-bots");
     let work = tempfile::tempdir().expect("work dir");
     let recording = bots_recording_results(work.path(), &bots);
@@ -397,7 +325,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
     assert!(scenario.data.expect("data")["loadtest.yaml"].contains("/healthz"));
 
     // 2. The oversell bug: the stock invariant's violations reach status and report.
-    let (sale_addr, _sale_shop) = shop(&[
+    let (sale_addr, _sale_shop) = shop::start(&[
         "--bug=oversell",
         "--initial-stock=3",
         "--base-workers=16",
@@ -434,8 +362,8 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
 
     // 3. criticalLoad: every request fails its check; the guard aborts the test, and the
     //    shop's own counter shows nothing arrived 2 report intervals after the breach.
-    let (doomed_addr, _doomed_shop) = shop(&[]);
-    let (sampler, counts) = count_requests(doomed_addr);
+    let (doomed_addr, _doomed_shop) = shop::start(&[]);
+    let log = RequestLog::start(doomed_addr, Duration::from_secs(120));
     let doomed = load_test(
         "doomed",
         &format!("http://{doomed_addr}"),
@@ -458,7 +386,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         "{:?}",
         status.conditions
     );
-    assert_quiet_after_breach(&cluster, "doomed", sampler, &counts).await;
+    assert_quiet_after_breach(&cluster, "doomed", log).await;
     // onSuccess keeps an aborted test's Job for inspection, suspended.
     let job = jobs.get("doomed-runners").await.expect("job");
     assert_eq!(job.spec.and_then(|s| s.suspend), Some(true));
@@ -481,8 +409,8 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         .create(&PostParams::default(), &target_pod)
         .await
         .expect("target pod");
-    let (hot_addr, _hot_shop) = shop(&[]);
-    let (sampler, counts) = count_requests(hot_addr);
+    let (hot_addr, _hot_shop) = shop::start(&[]);
+    let log = RequestLog::start(hot_addr, Duration::from_secs(120));
     let hot = load_test(
         "hot",
         &format!("http://{hot_addr}"),
@@ -508,7 +436,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         .expect("create hot");
     wait_for_phase(&tests, "hot", Phase::Running).await;
     // The live numbers are on the operator's /metrics too.
-    let operator_metrics = get_text(operator.admin_addr, "/metrics").await;
+    let operator_metrics = shop::get_text(operator.admin_addr, "/metrics").await;
     assert!(
         operator_metrics.contains(r#"trimtab_loadtest_requests{loadtest="hot",namespace="load"}"#),
         "{operator_metrics}"
@@ -533,7 +461,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         .and_then(|g| g.reason)
         .unwrap_or_default();
     assert!(reason.starts_with("criticalLoad: cpu"), "{reason}");
-    assert_quiet_after_breach(&cluster, "hot", sampler, &counts).await;
+    assert_quiet_after_breach(&cluster, "hot", log).await;
 
     // 5. A scenario the runners refuse (a CEL check that does not compile) fails it.
     tests

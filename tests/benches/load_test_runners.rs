@@ -1,0 +1,282 @@
+//! LoadTest runners at scale (issue 7): start skew across N runner processes, the
+//! operator's CPU and memory while it merges their reports, and the time from a
+//! criticalLoad breach to the last request the target sees. Run through
+//! `bench/load-test-runners.sh`; prints Markdown for docs/benchmarks.md.
+//!
+//! Real everything but the container runtime: etcd, kube-apiserver, the Job and
+//! garbage-collector controllers, the release `trimtab-operator`, the test node agent
+//! running each runner Pod as a release `trimtab-bots` process, and the shop example
+//! as the target, all on 127.0.0.1. Every wait is bounded.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, UNIX_EPOCH},
+};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+use trimtab_api::load_test::{LoadTest, Phase};
+use trimtab_tests::{
+    cluster::TestCluster,
+    crds,
+    node_agent::NodeAgent,
+    operator_process::{OperatorProcess, ServingCert, free_addr, workspace_binary},
+    shop::{self, RequestLog},
+};
+
+const NS: &str = "bench";
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} {v}: not a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn progress(started: Instant, what: &str) {
+    eprintln!("[{:>6.1} s] {what}", started.elapsed().as_secs_f64());
+}
+
+fn load_test(name: &str, target: &str, spec: serde_json::Value) -> serde_json::Value {
+    let mut test = json!({
+        "apiVersion": "trimtab.dev/v1alpha1",
+        "kind": "LoadTest",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"target": {"url": target}},
+    });
+    if let (Some(base), Some(extra)) = (test["spec"].as_object_mut(), spec.as_object()) {
+        base.extend(extra.clone());
+    }
+    test
+}
+
+fn looping(path: &str, think: &str) -> serde_json::Value {
+    json!({
+        "start": "get",
+        "thinkTime": {"distribution": "constant", "mean": think},
+        "states": [{
+            "name": "get",
+            "request": {"path": path},
+            "checks": ["response.status == 200"],
+            "next": [{"state": "get", "weight": 1}],
+        }],
+    })
+}
+
+/// Polls until `name` is in `phase` (at most `limit`), calling `each` every 250 ms.
+async fn wait_for(
+    tests: &Api<LoadTest>,
+    name: &str,
+    phase: Phase,
+    limit: Duration,
+    mut each: impl FnMut(),
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = tests
+            .get(name)
+            .await
+            .ok()
+            .and_then(|t| t.status)
+            .and_then(|s| s.phase);
+        if now == Some(phase) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not {phase:?} within {limit:?} (now {now:?})"
+        );
+        each();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn report(cluster: &TestCluster, test: &str) -> serde_json::Value {
+    let map = Api::<ConfigMap>::namespaced(cluster.client(), NS)
+        .get(&format!("{test}-report"))
+        .await
+        .expect("the report ConfigMap");
+    serde_json::from_str(&map.data.expect("data")["report.json"]).expect("report.json")
+}
+
+#[tokio::main]
+async fn main() {
+    let runners = arg("--runners", 50);
+    let seconds = arg("--seconds", 30);
+    let started = Instant::now();
+
+    let mut cluster = TestCluster::start().await.expect("cluster starts");
+    crds::install(&cluster).await.expect("CRDs install");
+    for namespace in [NS, "trimtab"] {
+        cluster
+            .ensure_namespace(namespace)
+            .await
+            .expect("namespace");
+    }
+    cluster
+        .start_controller_manager(&["job", "garbagecollector"])
+        .expect("kube-controller-manager");
+    let bots = workspace_binary("trimtab-sidecar", "trimtab-bots").expect("trimtab-bots");
+    let work = tempfile::tempdir().expect("work dir");
+    let _agent = NodeAgent::start(
+        cluster.client(),
+        "node-0",
+        BTreeMap::from([("trimtab-bots".to_owned(), bots)]),
+        work.path(),
+    )
+    .await
+    .expect("node agent");
+    let cert = ServingCert::write(cluster.dir());
+    let config_addr = free_addr();
+    let control_plane = format!("https://127.0.0.1:{}", config_addr.port());
+    let operator = OperatorProcess::start_with(
+        &cluster,
+        "trimtab",
+        "operator-0",
+        config_addr,
+        Some(&cert),
+        &[
+            ("TRIMTAB_CONTROL_PLANE_URL", control_plane.as_str()),
+            ("TRIMTAB_LOG", "info"),
+        ],
+    )
+    .await;
+    let (shop_addr, _shop) = shop::start(&[]);
+    progress(started, "cluster, operator, node agent and shop up");
+
+    let tests = Api::<LoadTest>::namespaced(cluster.client(), NS);
+    let apply = PatchParams::apply("bench");
+
+    // 1. N runners, four users each, reporting every 2 s for `seconds`.
+    let merge = load_test(
+        "merge",
+        &format!("http://{shop_addr}"),
+        json!({
+            "workload": {"users": runners * 4, "duration": format!("{seconds}s")},
+            "runners": {"parallelism": runners, "image": "bench/trimtab-sidecar"},
+            "scenario": looping("/healthz", "100ms"),
+        }),
+    );
+    tests
+        .patch("merge", &apply, &Patch::Apply(&merge))
+        .await
+        .expect("create merge");
+    let created = Instant::now();
+    wait_for(
+        &tests,
+        "merge",
+        Phase::Running,
+        Duration::from_secs(600),
+        || {},
+    )
+    .await;
+    let registered_after = created.elapsed();
+    progress(started, &format!("{runners} runners registered"));
+    let (cpu0, t0) = (operator.cpu_seconds(), Instant::now());
+    let mut peak_rss = 0.0f64;
+    wait_for(
+        &tests,
+        "merge",
+        Phase::Succeeded,
+        Duration::from_secs(seconds + 300),
+        || peak_rss = peak_rss.max(operator.memory_mb().0),
+    )
+    .await;
+    let (cpu1, t1) = (operator.cpu_seconds(), Instant::now());
+    let (_, hwm) = operator.memory_mb();
+    let merged = report(&cluster, "merge").await;
+    progress(started, "merge test succeeded");
+
+    // 2. Every request fails its check: criticalLoad aborts; when did the shop see
+    //    the last request?
+    let (doomed_addr, _doomed) = shop::start(&[]);
+    let log = RequestLog::start(doomed_addr, Duration::from_secs(900));
+    let doomed = load_test(
+        "doomed",
+        &format!("http://{doomed_addr}"),
+        json!({
+            "workload": {"users": runners * 2, "duration": "300s"},
+            "runners": {"parallelism": runners, "image": "bench/trimtab-sidecar"},
+            "scenario": looping("/api/nothing-here", "100ms"),
+            "guards": {"criticalLoad": {"errorRate": 0.5}, "window": "2s"},
+        }),
+    );
+    tests
+        .patch("doomed", &apply, &Patch::Apply(&doomed))
+        .await
+        .expect("create doomed");
+    wait_for(
+        &tests,
+        "doomed",
+        Phase::Aborted,
+        Duration::from_secs(600),
+        || {},
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let (total, last_change) = log.stop();
+    let aborted = report(&cluster, "doomed").await;
+    let start = aborted["startAtUnixMicros"].as_u64().expect("start");
+    let breach_at = aborted["guardEvents"]
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["state"] == "aborted"))
+        .and_then(|e| e["atSeconds"].as_f64())
+        .expect("the abort event");
+    let breach = UNIX_EPOCH + Duration::from_micros(start) + Duration::from_secs_f64(breach_at);
+    let last = last_change.expect("the doomed shop saw requests");
+    let after = match last.duration_since(breach) {
+        Ok(d) => format!("+{:.0} ms", d.as_secs_f64() * 1e3),
+        Err(e) => format!("−{:.0} ms", e.duration().as_secs_f64() * 1e3),
+    };
+    progress(started, "doomed test aborted");
+
+    let skew = |r: &serde_json::Value| {
+        r["startSkewMicros"]
+            .as_u64()
+            .map_or("n/a".into(), |us| format!("{:.1} ms", us as f64 / 1e3))
+    };
+    println!(
+        "# bench/load-test-runners.sh --runners {runners} --seconds {seconds} — {} cores, load average {}",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split(' ')
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!();
+    println!("| measure | value |");
+    println!("| --- | ---: |");
+    println!("| runner processes | {runners} |");
+    println!(
+        "| Job created → every runner registered | {:.1} s |",
+        registered_after.as_secs_f64()
+    );
+    println!(
+        "| start skew, merge test (max − min actual start) | {} |",
+        skew(&merged)
+    );
+    println!("| start skew, abort test | {} |", skew(&aborted));
+    println!(
+        "| requests merged (merge test) | {} |",
+        merged["results"]["requests"]
+    );
+    println!(
+        "| operator CPU while merging ({runners} runners × a report / 2 s) | {:.1}% of one core |",
+        100.0 * (cpu1 - cpu0) / (t1 - t0).as_secs_f64()
+    );
+    println!("| operator RSS during the test, peak sampled | {peak_rss:.1} MB |");
+    println!("| operator VmHWM at the end | {hwm:.1} MB |");
+    println!("| criticalLoad breach → last request at the target | {after} |");
+    println!("| requests the doomed target answered | {total} |");
+}
