@@ -5,13 +5,13 @@
 //! with the operator, start together and report; the test checks the merged status and
 //! report against the runners' own results, the invariant violations of the oversell
 //! bug, a refused runner token, a broken scenario, a criticalLoad abort proven by the
-//! shop's own request counter, and CPU guards reading a real Prometheus: maxLoad pauses
-//! and resumes, criticalLoad aborts.
+//! shop's own request counter, CPU guards reading a real Prometheus (maxLoad pauses and
+//! resumes, criticalLoad aborts), a runner that dies, and a test deleted mid-run.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::{Duration, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use k8s_openapi::api::{
@@ -463,7 +463,93 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
     assert!(reason.starts_with("criticalLoad: cpu"), "{reason}");
     assert_quiet_after_breach(&cluster, "hot", log).await;
 
-    // 5. A scenario the runners refuse (a CEL check that does not compile) fails it.
+    // 5. A runner that dies fails the test (docs/load-tests.md): what the others
+    //    reported is still in the report. Then a running test that is deleted stops:
+    //    its Job and runners go, and the target sees no more requests.
+    let (dies_addr, _dies_shop) = shop::start(&[]);
+    let dies = load_test(
+        "dies",
+        &format!("http://{dies_addr}"),
+        json!({
+            "workload": {"users": 4, "duration": "60s"},
+            "scenario": looping("/healthz", "response.status == 200", "50ms"),
+        }),
+    );
+    tests
+        .patch("dies", &apply, &Patch::Apply(&dies))
+        .await
+        .expect("create dies");
+    wait_for_phase(&tests, "dies", Phase::Running).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Runner 0's command line holds its Pod's name (its scenario path).
+    let killed = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", &format!("{NAMESPACE}_dies-runners-0-")])
+        .status()
+        .expect("pkill");
+    assert!(killed.success(), "runner 0 of dies was not found");
+    let failed = wait_for_phase(&tests, "dies", Phase::Failed).await;
+    let status = failed.status.expect("status");
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Failed" && c.reason == "RunnerFailed"),
+        "{:?}",
+        status.conditions
+    );
+    let (report_json, _) = report(&cluster, "dies").await;
+    assert!(
+        report_json["results"]["requests"].as_u64() > Some(0),
+        "the runners' reports before the death are kept: {report_json}"
+    );
+
+    let (gone_addr, _gone_shop) = shop::start(&[]);
+    let gone = load_test(
+        "gone",
+        &format!("http://{gone_addr}"),
+        json!({
+            "workload": {"users": 4, "duration": "60s"},
+            "scenario": looping("/healthz", "response.status == 200", "50ms"),
+        }),
+    );
+    tests
+        .patch("gone", &apply, &Patch::Apply(&gone))
+        .await
+        .expect("create gone");
+    wait_for_phase(&tests, "gone", Phase::Running).await;
+    // Running means the start is fixed (2 s ahead): wait for the traffic itself.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while shop::requests(gone_addr).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "gone never sent");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = RequestLog::start(gone_addr, Duration::from_secs(60));
+    tests
+        .delete("gone", &Default::default())
+        .await
+        .expect("delete gone");
+    let deleted = SystemTime::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while jobs.get_opt("gone-runners").await.expect("job").is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted test's Job stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (total, last_change) = log.stop();
+    assert!(total > 0, "gone sent nothing");
+    let after = last_change
+        .and_then(|t| t.duration_since(deleted).ok())
+        .unwrap_or_default();
+    eprintln!("gone: last request at the target {after:?} after the delete");
+    assert!(
+        after < Duration::from_secs(10),
+        "requests went on {after:?} after the LoadTest was deleted"
+    );
+
+    // 6. A scenario the runners refuse (a CEL check that does not compile) fails it.
     tests
         .patch(
             "broken",
