@@ -416,7 +416,8 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         &format!("http://{hot_addr}"),
         json!({
             "target": {"url": format!("http://{hot_addr}"), "podSelector": {"matchLabels": {"app": "hot"}}},
-            "workload": {"users": 4, "duration": "120s"},
+            // Ramping 16 users over 40 s, so that a hold has load to shed.
+            "workload": {"users": 16, "rampUp": "40s", "duration": "120s"},
             "scenario": looping("/healthz", "response.status == 200", "50ms"),
             "guards": {
                 "maxLoad": {"cpu": 0.6},
@@ -441,6 +442,19 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         operator_metrics.contains(r#"trimtab_loadtest_requests{loadtest="hot",namespace="load"}"#),
         "{operator_metrics}"
     );
+    let active = || async {
+        tests
+            .get("hot")
+            .await
+            .ok()
+            .and_then(|t| t.status?.users)
+            .map_or(0, |u| u.active)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while active().await < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "hot never ramped");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     exporter.set_cores(NAMESPACE, "hot-0", 0.75);
     let paused = wait_for_phase(&tests, "hot", Phase::Paused).await;
     let guard = paused.status.and_then(|s| s.guard).expect("guard status");
@@ -451,8 +465,25 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             .is_some_and(|r| r.starts_with("maxLoad: cpu")),
         "{guard:?}"
     );
+    // Held: once the runners' next reports are in, the active users stay at the hold's
+    // ceiling while the ramp would have gone on adding users.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut held = 0;
+    for _ in 0..12 {
+        held = held.max(active().await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     exporter.set_cores(NAMESPACE, "hot-0", 0.2);
     wait_for_phase(&tests, "hot", Phase::Running).await;
+    // Resumed: the ramp goes on past the ceiling.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while active().await <= held {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ramp did not resume past {held} users"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     exporter.set_cores(NAMESPACE, "hot-0", 1.0);
     let aborted = wait_for_phase(&tests, "hot", Phase::Aborted).await;
     let reason = aborted
@@ -462,6 +493,18 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         .unwrap_or_default();
     assert!(reason.starts_with("criticalLoad: cpu"), "{reason}");
     assert_quiet_after_breach(&cluster, "hot", log).await;
+    let (report_json, _) = report(&cluster, "hot").await;
+    let ceiling = report_json["guardEvents"]
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["state"] == "holding"))
+        .and_then(|e| e["ceiling"].as_u64())
+        .expect("the hold's ceiling");
+    eprintln!("hot: held at {held} active users, the hold's ceiling {ceiling} of 16");
+    // Each of the 2 runners keeps at least one user.
+    assert!(
+        ceiling < 16 && held <= ceiling.max(2),
+        "held at {held} active users, ceiling {ceiling}"
+    );
 
     // 5. A runner that dies fails the test (docs/load-tests.md): what the others
     //    reported is still in the report. Then a running test that is deleted stops:
