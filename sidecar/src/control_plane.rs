@@ -273,23 +273,29 @@ pub fn kept_etag(version: u64) -> String {
 /// An HTTPS client of the operator.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// A pooled HTTPS client (HTTP/1.1 or h2) that trusts `anchors`, for the operator's
-/// endpoints: the config server here, the LoadTest runner endpoint in the bots.
+/// A pooled HTTPS client that trusts `anchors`, for the operator's endpoints: the
+/// config server here (HTTP/1.1 or h2), the LoadTest runner endpoint in the bots
+/// (HTTP/1.1 only, `h2: false`, so that a replica that is not the leader can close the
+/// connection and the next try reaches another one).
 pub fn https_client(
     anchors: &TrustAnchors,
     connect_timeout: Duration,
+    h2: bool,
 ) -> Result<HttpsClient, ControlPlaneError> {
     let tls = tls_config(anchors)?;
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
     http.enforce_http(false);
-    let https = HttpsConnectorBuilder::new()
+    let builder = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+        .enable_http1();
+    let https = if h2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .build(https))
@@ -344,7 +350,7 @@ impl ControlPlane {
         metrics: Metrics,
     ) -> Result<Self, ControlPlaneError> {
         let base = base_url(url)?;
-        let client = https_client(anchors, timing.connect_timeout)?;
+        let client = https_client(anchors, timing.connect_timeout, true)?;
         Ok(Self {
             base,
             token_file,

@@ -214,10 +214,15 @@ impl RequestError {
         let mut response = json_response(status, body.into());
         let headers = response.headers_mut();
         match &self {
-            Self::Starting
-            | Self::Auth(AuthError::Review(_))
-            | Self::Runner(ReportError::Unknown(_)) => {
+            Self::Starting | Self::Auth(AuthError::Review(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // Only the leader tracks LoadTests. Closing the connection sends the
+            // runner's next try through the Service again, to some replica, rather
+            // than down the same keep-alive connection to this one.
+            Self::Runner(ReportError::Unknown(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::Auth(AuthError::Missing | AuthError::Rejected(_))
             | Self::Runner(ReportError::Token(_)) => {
@@ -643,5 +648,14 @@ mod tests {
         }
         .into_response();
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let r = RequestError::Runner(ReportError::Unknown("load/t".into())).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers().get(header::CONNECTION).map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "a runner that reached a replica that is not the leader tries another"
+        );
+        let r = RequestError::Runner(ReportError::Token("load/t".into())).into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
 }

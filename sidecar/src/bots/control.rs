@@ -36,6 +36,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(runner_protocol::MAX_WAIT_
 /// Backoff between failed reports.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// Quick retries of a running report, and the pause between them.
+const QUICK_RETRIES: usize = 4;
+const QUICK_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// The largest answer read.
 const MAX_ANSWER_BYTES: usize = 64 << 10;
 
@@ -119,7 +122,7 @@ impl Control {
             control_plane::base_url(&settings.url)?,
             runner_protocol::report_path(namespace, name, settings.index)
         );
-        let client = control_plane::https_client(&settings.anchors, Duration::from_secs(3))?;
+        let client = control_plane::https_client(&settings.anchors, Duration::from_secs(3), false)?;
         Ok(Self {
             client,
             url,
@@ -293,7 +296,7 @@ impl Control {
                 target_users,
                 Some(shared.recorder.snapshot()),
             );
-            match self.send(&report).await {
+            match self.send_soon(&report).await {
                 Ok(directive) => self.obey(&shared, directive),
                 Err(SendError::Refused(status, message)) => {
                     tracing::warn!(%status, %message, "the operator refused a report");
@@ -304,6 +307,24 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// Sends a running report, trying again a few times within a fraction of the
+    /// interval when it fails transiently: with two operator replicas half the
+    /// connections reach one that is not the leader (which closes them), and an abort
+    /// must not wait for the next interval.
+    async fn send_soon(&self, report: &RunnerReport) -> Result<Directive, SendError> {
+        let mut result = self.send(report).await;
+        for _ in 0..QUICK_RETRIES {
+            match result {
+                Err(SendError::Transient(_)) => {
+                    tokio::time::sleep(QUICK_RETRY_PAUSE).await;
+                    result = self.send(report).await;
+                }
+                done => return done,
+            }
+        }
+        result
     }
 
     fn obey(&self, shared: &Shared, directive: Directive) {
