@@ -69,20 +69,19 @@ pub enum SendError {
     },
 }
 
-/// Sends `req` to `base` + its path with the given cookie header, and reads the whole
-/// body, all within `timeout`.
+/// Sends `req` to `uri` (the target's base + the request's path, see
+/// [`super::request::CompiledRequest::uri`]) with the given cookie header, and reads the
+/// whole body, all within `timeout`.
 pub async fn send(
     client: &BotClient,
-    base: &str,
+    uri: Uri,
     req: RenderedRequest,
     cookie: Option<HeaderValue>,
     timeout: Duration,
 ) -> Result<Response, SendError> {
-    let uri_text = format!("{base}{}", req.path);
-    let uri: Uri = uri_text.parse().map_err(|_| SendError::Uri {
-        uri: uri_text.clone(),
-    })?;
-    let mut builder = Request::builder().method(req.method).uri(uri);
+    // Only errors name the URI: formatted then, not per request.
+    let uri_text = || uri.to_string();
+    let mut builder = Request::builder().method(req.method).uri(uri.clone());
     if let Some(headers) = builder.headers_mut() {
         for (name, value) in req.headers {
             headers.insert(name, value);
@@ -99,7 +98,7 @@ pub async fn send(
     let request = builder
         .body(Full::new(req.body))
         .map_err(|e| SendError::Transport {
-            uri: uri_text.clone(),
+            uri: uri_text(),
             message: e.to_string(),
         })?;
     // Boxed so that the (large) in-flight future lives on the heap only while a
@@ -108,12 +107,12 @@ pub async fn send(
         let response = client.request(request).await.map_err(|e| {
             if e.is_connect() {
                 SendError::Connect {
-                    uri: uri_text.clone(),
+                    uri: uri_text(),
                     message: crate::http_client::error_chain(&e),
                 }
             } else {
                 SendError::Transport {
-                    uri: uri_text.clone(),
+                    uri: uri_text(),
                     message: crate::http_client::error_chain(&e),
                 }
             }
@@ -123,7 +122,7 @@ pub async fn send(
             .collect()
             .await
             .map_err(|e| SendError::Transport {
-                uri: uri_text.clone(),
+                uri: uri_text(),
                 message: format!("reading the body: {e}"),
             })?
             .to_bytes();
@@ -136,7 +135,7 @@ pub async fn send(
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
         Err(_) => Err(SendError::Timeout {
-            uri: uri_text,
+            uri: uri_text(),
             timeout,
         }),
     }

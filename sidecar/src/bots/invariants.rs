@@ -64,15 +64,11 @@ pub async fn check_once(shared: &Shared, invariant: &CompiledInvariant) {
         Err(e) => violation(None, e.to_string(), String::new(), String::new()),
         Ok(rendered) => {
             let line = rendered.line();
-            match send(
-                &shared.client,
-                &shared.base,
-                rendered,
-                None,
-                shared.request_timeout,
-            )
-            .await
-            {
+            let sent = match invariant.request.uri(&shared.base, &rendered) {
+                Ok(uri) => send(&shared.client, uri, rendered, None, shared.request_timeout).await,
+                Err(e) => Err(e),
+            };
+            match sent {
                 Err(e) => violation(None, e.to_string(), String::new(), line),
                 Ok(response) => {
                     let json = serde_json::from_slice::<serde_json::Value>(&response.body).ok();

@@ -6,9 +6,11 @@
 //! as literals and never go through the template engine.
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method, Uri};
 use minijinja::{Environment, UndefinedBehavior};
 use trimtab_api::load_test::{self, Request};
+
+use super::http::SendError;
 
 /// Why a request template was refused at compile time. `field` is relative to the
 /// request (`path`, `headers.authorization`, `json.product`).
@@ -126,6 +128,11 @@ pub enum Text {
 }
 
 impl Text {
+    /// Whether it is sent as written (no template to render).
+    pub fn is_literal(&self) -> bool {
+        matches!(self, Self::Literal(_))
+    }
+
     /// Renders with the user's context.
     pub fn render(
         &self,
@@ -187,6 +194,15 @@ impl JsonTemplate {
         })
     }
 
+    fn is_literal(&self) -> bool {
+        match self {
+            Self::Literal(_) => true,
+            Self::Text(t) => t.is_literal(),
+            Self::Array(items) => items.iter().all(Self::is_literal),
+            Self::Object(fields) => fields.iter().all(|(_, v)| v.is_literal()),
+        }
+    }
+
     fn render(
         &self,
         env: &Environment<'static>,
@@ -235,6 +251,10 @@ pub struct CompiledRequest {
     pub headers: Vec<(HeaderName, Text)>,
     /// The body.
     pub body: BodyTemplate,
+    /// Whether any part is a template: a literal request needs no per-user context.
+    templated: bool,
+    /// The whole URI of a literal path, parsed once per run (the target is fixed).
+    literal_uri: std::sync::OnceLock<Uri>,
 }
 
 /// A request ready to send.
@@ -301,12 +321,42 @@ impl CompiledRequest {
             (None, None, Some(body)) => BodyTemplate::Raw(templates.add("body", body)?),
             _ => return Err(RequestError::Bodies),
         };
+        let templated = !(path.is_literal()
+            && headers.iter().all(|(_, v)| v.is_literal())
+            && match &body {
+                BodyTemplate::Empty => true,
+                BodyTemplate::Json(json) => json.is_literal(),
+                BodyTemplate::Form(fields) => fields.iter().all(|(_, v)| v.is_literal()),
+                BodyTemplate::Raw(text) => text.is_literal(),
+            });
         Ok(Self {
             method: method(spec.method),
             path,
             headers,
             body,
+            templated,
+            literal_uri: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Whether rendering needs the user's context (`user.id`, `vars`); building it
+    /// serializes the user's vars, work a literal request can skip.
+    pub fn needs_context(&self) -> bool {
+        self.templated
+    }
+
+    /// `base` + the rendered path as a URI; a literal path's is parsed once.
+    pub fn uri(&self, base: &str, rendered: &RenderedRequest) -> Result<Uri, SendError> {
+        if let Some(uri) = self.literal_uri.get() {
+            return Ok(uri.clone());
+        }
+        let text = format!("{base}{}", rendered.path);
+        let uri: Uri = text.parse().map_err(|_| SendError::Uri { uri: text })?;
+        if self.path.is_literal() {
+            // Another user may have set it first: the same URI either way.
+            let _ = self.literal_uri.set(uri.clone());
+        }
+        Ok(uri)
     }
 
     /// Renders with the user's context.

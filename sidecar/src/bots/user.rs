@@ -228,10 +228,14 @@ impl User {
         let Some(template) = &state.request else {
             return Some(intended);
         };
-        let ctx = minijinja::Value::from(minijinja::value::Serde(TemplateContext {
-            id: self.id,
-            vars: &self.vars,
-        }));
+        let ctx = if template.needs_context() {
+            minijinja::Value::from(minijinja::value::Serde(TemplateContext {
+                id: self.id,
+                vars: &self.vars,
+            }))
+        } else {
+            minijinja::Value::UNDEFINED
+        };
         let rendered = match template.render(shared.scenario.templates.env(), &ctx) {
             Ok(r) => r,
             Err(e) => {
@@ -255,14 +259,10 @@ impl User {
             return None;
         }
         let timeout = shared.request_timeout.min(remaining);
-        let result = send(
-            &shared.client,
-            &shared.base,
-            rendered,
-            self.cookie_header(),
-            timeout,
-        )
-        .await;
+        let result = match template.uri(&shared.base, &rendered) {
+            Ok(uri) => send(&shared.client, uri, rendered, self.cookie_header(), timeout).await,
+            Err(e) => Err(e),
+        };
         let done = Instant::now();
         let latency = Some((done - intended.min(sent), done - sent));
         let response = match result {
