@@ -8,10 +8,7 @@
 //! running each runner Pod as a release `trimtab-bots` process, and the shop example
 //! as the target, all on 127.0.0.1. Every wait is bounded.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant, UNIX_EPOCH},
-};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
@@ -22,9 +19,8 @@ use serde_json::json;
 use trimtab_api::load_test::{LoadTest, Phase};
 use trimtab_tests::{
     cluster::TestCluster,
-    crds,
-    node_agent::NodeAgent,
-    operator_process::{OperatorProcess, ServingCert, free_addr, workspace_binary},
+    load_test_env::LoadTestEnv,
+    operator_process::workspace_binary,
     shop::{self, RequestLog},
 };
 
@@ -114,42 +110,11 @@ async fn main() {
     let seconds = arg("--seconds", 30);
     let started = Instant::now();
 
-    let mut cluster = TestCluster::start().await.expect("cluster starts");
-    crds::install(&cluster).await.expect("CRDs install");
-    for namespace in [NS, "trimtab"] {
-        cluster
-            .ensure_namespace(namespace)
-            .await
-            .expect("namespace");
-    }
-    cluster
-        .start_controller_manager(&["job", "garbagecollector"])
-        .expect("kube-controller-manager");
     let bots = workspace_binary("trimtab-sidecar", "trimtab-bots").expect("trimtab-bots");
     let work = tempfile::tempdir().expect("work dir");
-    let _agent = NodeAgent::start(
-        cluster.client(),
-        "node-0",
-        BTreeMap::from([("trimtab-bots".to_owned(), bots)]),
-        work.path(),
-    )
-    .await
-    .expect("node agent");
-    let cert = ServingCert::write(cluster.dir());
-    let config_addr = free_addr();
-    let control_plane = format!("https://127.0.0.1:{}", config_addr.port());
-    let operator = OperatorProcess::start_with(
-        &cluster,
-        "trimtab",
-        "operator-0",
-        config_addr,
-        Some(&cert),
-        &[
-            ("TRIMTAB_CONTROL_PLANE_URL", control_plane.as_str()),
-            ("TRIMTAB_LOG", "info"),
-        ],
-    )
-    .await;
+    // Info logs: the operator's debug log would be part of what is measured.
+    let env = LoadTestEnv::start(NS, &bots, work.path(), &[("TRIMTAB_LOG", "info")]).await;
+    let (cluster, operator) = (&env.cluster, &env.operator);
     let (shop_addr, _shop) = shop::start(&[]);
     progress(started, "cluster, operator, node agent and shop up");
 
@@ -193,7 +158,7 @@ async fn main() {
     .await;
     let (cpu1, t1) = (operator.cpu_seconds(), Instant::now());
     let (_, hwm) = operator.memory_mb();
-    let merged = report(&cluster, "merge").await;
+    let merged = report(cluster, "merge").await;
     progress(started, "merge test succeeded");
 
     // 2. Every request fails its check: criticalLoad aborts; when did the shop see
@@ -224,7 +189,7 @@ async fn main() {
     .await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     let (total, last_change) = log.stop();
-    let aborted = report(&cluster, "doomed").await;
+    let aborted = report(cluster, "doomed").await;
     let start = aborted["startAtUnixMicros"].as_u64().expect("start");
     let breach_at = aborted["guardEvents"]
         .as_array()

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod crds;
+pub mod load_test_env;
 pub mod node_agent;
 pub mod operator_process;
 pub mod prometheus_server;

@@ -9,7 +9,6 @@
 //! resumes, criticalLoad aborts), a runner that dies, and a test deleted mid-run.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -29,9 +28,8 @@ use trimtab_api::{
 };
 use trimtab_tests::{
     cluster::TestCluster,
-    crds,
-    node_agent::NodeAgent,
-    operator_process::{OperatorProcess, ServingCert, free_addr, workspace_binary},
+    load_test_env::LoadTestEnv,
+    operator_process::workspace_binary,
     prometheus_server::{CpuExporter, Prometheus},
     shop::{self, RequestLog},
 };
@@ -180,43 +178,14 @@ async fn assert_quiet_after_breach(cluster: &TestCluster, test: &str, log: Reque
 
 #[tokio::test]
 async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_load() {
-    let mut cluster = TestCluster::start().await.expect("test cluster");
-    crds::install(&cluster).await.expect("CRDs");
-    for namespace in [NAMESPACE, "trimtab"] {
-        cluster
-            .ensure_namespace(namespace)
-            .await
-            .expect("namespace");
-    }
-    cluster
-        .start_controller_manager(&["job", "garbagecollector"])
-        .expect("kube-controller-manager");
-
     let (shop_addr, _shop) = shop::start(&[]);
     let bots = workspace_binary("trimtab-sidecar", "trimtab-bots").expect("trimtab-bots");
     let work = tempfile::tempdir().expect("work dir");
     let recording = bots_recording_results(work.path(), &bots);
-    let _agent = NodeAgent::start(
-        cluster.client(),
-        "node-0",
-        BTreeMap::from([("trimtab-bots".to_owned(), recording)]),
-        &work.path().join("node"),
-    )
-    .await
-    .expect("node agent");
     let node_dir = work.path().join("node");
-    let cert = ServingCert::write(cluster.dir());
-    let config_addr = free_addr();
-    let control_plane = format!("https://127.0.0.1:{}", config_addr.port());
-    let operator = OperatorProcess::start_with(
-        &cluster,
-        "trimtab",
-        "operator-0",
-        config_addr,
-        Some(&cert),
-        &[("TRIMTAB_CONTROL_PLANE_URL", control_plane.as_str())],
-    )
-    .await;
+    let env = LoadTestEnv::start(NAMESPACE, &recording, &node_dir, &[]).await;
+    let (cluster, operator, cert, control_plane) =
+        (&env.cluster, &env.operator, &env.cert, &env.control_plane);
 
     let tests = Api::<LoadTest>::namespaced(cluster.client(), NAMESPACE);
     let apply = PatchParams::apply("load-test-e2e");
@@ -284,7 +253,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         human(merged.latency.corrected.quantile(0.99)),
         "status p99 from the operator's merge = the test's own merge"
     );
-    let (report_json, summary) = report(&cluster, "health").await;
+    let (report_json, summary) = report(cluster, "health").await;
     let reported_results: Results =
         serde_json::from_value(report_json["results"].clone()).expect("results in the report");
     assert_eq!(
@@ -353,7 +322,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             .any(|i| i.name == "stock-never-negative" && i.violations > 0),
         "{invariants:?}"
     );
-    let (_, summary) = report(&cluster, "sale").await;
+    let (_, summary) = report(cluster, "sale").await;
     assert!(
         summary.contains("stock-never-negative:")
             && !summary.contains("stock-never-negative: 0 violations"),
@@ -386,7 +355,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         "{:?}",
         status.conditions
     );
-    assert_quiet_after_breach(&cluster, "doomed", log).await;
+    assert_quiet_after_breach(cluster, "doomed", log).await;
     // onSuccess keeps an aborted test's Job for inspection, suspended.
     let job = jobs.get("doomed-runners").await.expect("job");
     assert_eq!(job.spec.and_then(|s| s.suspend), Some(true));
@@ -492,8 +461,8 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         .and_then(|g| g.reason)
         .unwrap_or_default();
     assert!(reason.starts_with("criticalLoad: cpu"), "{reason}");
-    assert_quiet_after_breach(&cluster, "hot", log).await;
-    let (report_json, _) = report(&cluster, "hot").await;
+    assert_quiet_after_breach(cluster, "hot", log).await;
+    let (report_json, _) = report(cluster, "hot").await;
     let ceiling = report_json["guardEvents"]
         .as_array()
         .and_then(|events| events.iter().find(|e| e["state"] == "holding"))
@@ -540,7 +509,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         "{:?}",
         status.conditions
     );
-    let (report_json, _) = report(&cluster, "dies").await;
+    let (report_json, _) = report(cluster, "dies").await;
     assert!(
         report_json["results"]["requests"].as_u64() > Some(0),
         "the runners' reports before the death are kept: {report_json}"
