@@ -434,9 +434,10 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             .is_some_and(|r| r.starts_with("maxLoad: cpu")),
         "{guard:?}"
     );
-    // Held: once the runners' next reports are in, the active users stay at the hold's
-    // ceiling while the ramp would have gone on adding users.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // Held: once every runner has been told (its next report, ≤ 2 s) and has reported
+    // again (≤ 2 s more), the active users stay at the hold's ceiling while the ramp
+    // would have gone on adding users.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
     let mut held = 0;
     for _ in 0..12 {
         held = held.max(active().await);
