@@ -11,6 +11,8 @@
 //! repeated or reordered report changes nothing, and a new leader rebuilds the totals
 //! from the next round of reports.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use serde::{Deserialize, Serialize};
 
 use crate::results::Results;
@@ -41,6 +43,17 @@ pub fn parse_report_path(path: &str) -> Option<(&str, &str, u32)> {
         return None;
     }
     Some((namespace, name, index.parse().ok()?))
+}
+
+/// `at` as the protocol's times are written: microseconds since the Unix epoch.
+pub fn unix_micros(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// A protocol time back as a [`SystemTime`].
+pub fn from_unix_micros(micros: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(micros)
 }
 
 /// Where a runner is.

@@ -258,7 +258,7 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
                 .map_err(api_error("creating the runner Job"))?
         }
     };
-    if run_started(&ctx.runs, &key) {
+    if ctx.runs.started(&key) {
         ctx.runs
             .set_cpu(&key, target_cpu(&ctx, &test, &namespace).await);
     }
@@ -291,10 +291,7 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
         )
         .await
         .map(|_| ())
-        .or_else(|e| match e {
-            kube::Error::Api(s) if s.code == 404 => Ok(()),
-            e => Err(e),
-        })
+        .or_else(already_gone)
         .map_err(api_error("suspending the runner Job"))?;
     }
     write_status(&ctx, &test, &current, &progress, run.as_ref()).await?;
@@ -319,11 +316,6 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
     } else {
         WHILE_RUNNING
     }))
-}
-
-/// Whether the test's runners have been given their start.
-fn run_started(runs: &Runs, key: &runs::TestKey) -> bool {
-    runs.snapshot(key).is_some_and(|r| r.start_at.is_some())
 }
 
 /// The target pods' mean CPU utilization when the guards have a cpu limit; `None` when
@@ -368,10 +360,15 @@ async fn delete_job(jobs: &Api<Job>, test: &str) -> Result<(), kube::Error> {
     )
     .await
     .map(|_| ())
-    .or_else(|e| match e {
+    .or_else(already_gone)
+}
+
+/// A call on an object that is not there (any more) did what it meant to.
+fn already_gone(e: kube::Error) -> Result<(), kube::Error> {
+    match e {
         kube::Error::Api(s) if s.code == 404 => Ok(()),
         e => Err(e),
-    })
+    }
 }
 
 /// Writes the phase, runner counts, times, live numbers and condition; when the test

@@ -14,6 +14,7 @@ use trimtab_api::{
         LoadTestStatus, Phase, RequestCounts, UserCounts,
     },
     results::{LatencyHistogram, Results, human},
+    runner_protocol::unix_micros,
 };
 
 use super::{
@@ -109,7 +110,7 @@ pub fn config_map(
         reason: progress.reason,
         message: &progress.message,
         start_time: status.start_time.as_ref(),
-        start_at_unix_micros: run.start_at.map(super::runs::unix_micros),
+        start_at_unix_micros: run.start_at.map(unix_micros),
         completion_time: status.completion_time.as_ref(),
         runners: test.spec.runners.parallelism,
         runners_reported: run.waiting + run.running + run.finished,

@@ -22,14 +22,14 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime},
 };
 
 use tokio::sync::watch;
 use trimtab_api::{
     guard::{Decision, Guard, GuardEvent, GuardState, Sample, Window},
     results::{LatencyHistogram, Results},
-    runner_protocol::{Directive, RunnerReport, RunnerStage},
+    runner_protocol::{Directive, RunnerReport, RunnerStage, unix_micros},
 };
 
 use super::token::TokenKey;
@@ -297,6 +297,12 @@ impl Runs {
             .unwrap_or_default()
     }
 
+    /// Whether the test's runners have been given their start (no merge, unlike
+    /// [`Self::snapshot`]).
+    pub fn started(&self, test: &TestKey) -> bool {
+        self.lock().get(test).is_some_and(|r| r.start_at.is_some())
+    }
+
     /// The test's progress, or `None` when this replica tracks it not.
     pub fn snapshot(&self, test: &TestKey) -> Option<RunSnapshot> {
         let mut runs = self.lock();
@@ -419,12 +425,6 @@ impl RunState {
         tracing::warn!(state = ?event.state, ceiling = ?event.ceiling, reason = %event.reason, "load test guard");
         guard.events.push(event);
     }
-}
-
-/// Microseconds since the Unix epoch.
-pub fn unix_micros(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

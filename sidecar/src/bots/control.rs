@@ -10,7 +10,7 @@
 
 use std::{
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -20,7 +20,7 @@ use rand::{SeedableRng, rngs::SmallRng};
 use tokio::time::{Instant, MissedTickBehavior};
 use trimtab_api::{
     results::Results,
-    runner_protocol::{self, Directive, RunnerReport, RunnerStage},
+    runner_protocol::{self, Directive, RunnerReport, RunnerStage, from_unix_micros, unix_micros},
 };
 
 use super::{gate::UNLIMITED, user::Shared};
@@ -259,7 +259,7 @@ impl Control {
         }
         Ok(directive
             .start_at_unix_micros
-            .map_or_else(SystemTime::now, |us| UNIX_EPOCH + Duration::from_micros(us)))
+            .map_or_else(SystemTime::now, from_unix_micros))
     }
 
     fn obey_abort(&self, reason: String) {
@@ -364,10 +364,4 @@ impl Control {
         .await
         .map(|_| ())
     }
-}
-
-/// Microseconds since the Unix epoch.
-fn unix_micros(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
