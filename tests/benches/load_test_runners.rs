@@ -8,18 +8,12 @@
 //! running each runner Pod as a release `trimtab-bots` process, and the shop example
 //! as the target, all on 127.0.0.1. Every wait is bounded.
 
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::{
-    Api,
-    api::{Patch, PatchParams},
-};
 use serde_json::json;
-use trimtab_api::load_test::{LoadTest, Phase};
+use trimtab_api::load_test::Phase;
 use trimtab_tests::{
-    cluster::TestCluster,
-    load_test_env::LoadTestEnv,
+    load_test_env::{self, LoadTestEnv, abort_time, looping},
     operator_process::workspace_binary,
     shop::{self, RequestLog},
 };
@@ -43,65 +37,7 @@ fn progress(started: Instant, what: &str) {
 }
 
 fn load_test(name: &str, target: &str, spec: serde_json::Value) -> serde_json::Value {
-    let mut test = json!({
-        "apiVersion": "trimtab.dev/v1alpha1",
-        "kind": "LoadTest",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {"target": {"url": target}},
-    });
-    if let (Some(base), Some(extra)) = (test["spec"].as_object_mut(), spec.as_object()) {
-        base.extend(extra.clone());
-    }
-    test
-}
-
-fn looping(path: &str, think: &str) -> serde_json::Value {
-    json!({
-        "start": "get",
-        "thinkTime": {"distribution": "constant", "mean": think},
-        "states": [{
-            "name": "get",
-            "request": {"path": path},
-            "checks": ["response.status == 200"],
-            "next": [{"state": "get", "weight": 1}],
-        }],
-    })
-}
-
-/// Polls until `name` is in `phase` (at most `limit`), calling `each` every 250 ms.
-async fn wait_for(
-    tests: &Api<LoadTest>,
-    name: &str,
-    phase: Phase,
-    limit: Duration,
-    mut each: impl FnMut(),
-) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let now = tests
-            .get(name)
-            .await
-            .ok()
-            .and_then(|t| t.status)
-            .and_then(|s| s.phase);
-        if now == Some(phase) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} not {phase:?} within {limit:?} (now {now:?})"
-        );
-        each();
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn report(cluster: &TestCluster, test: &str) -> serde_json::Value {
-    let map = Api::<ConfigMap>::namespaced(cluster.client(), NS)
-        .get(&format!("{test}-report"))
-        .await
-        .expect("the report ConfigMap");
-    serde_json::from_str(&map.data.expect("data")["report.json"]).expect("report.json")
+    load_test_env::load_test(NS, name, &[json!({"target": {"url": target}}), spec])
 }
 
 #[tokio::main]
@@ -114,12 +50,9 @@ async fn main() {
     let work = tempfile::tempdir().expect("work dir");
     // Info logs: the operator's debug log would be part of what is measured.
     let env = LoadTestEnv::start(NS, &bots, work.path(), &[("TRIMTAB_LOG", "info")]).await;
-    let (cluster, operator) = (&env.cluster, &env.operator);
+    let operator = &env.operator;
     let (shop_addr, _shop) = shop::start(&[]);
     progress(started, "cluster, operator, node agent and shop up");
-
-    let tests = Api::<LoadTest>::namespaced(cluster.client(), NS);
-    let apply = PatchParams::apply("bench");
 
     // 1. N runners, four users each, reporting every 2 s for `seconds`.
     let merge = load_test(
@@ -128,28 +61,19 @@ async fn main() {
         json!({
             "workload": {"users": runners * 4, "duration": format!("{seconds}s")},
             "runners": {"parallelism": runners, "image": "bench/trimtab-sidecar"},
-            "scenario": looping("/healthz", "100ms"),
+            "scenario": looping("/healthz", "response.status == 200", "100ms"),
         }),
     );
-    tests
-        .patch("merge", &apply, &Patch::Apply(&merge))
-        .await
-        .expect("create merge");
+    env.apply(&merge).await;
     let created = Instant::now();
-    wait_for(
-        &tests,
-        "merge",
-        Phase::Running,
-        Duration::from_secs(600),
-        || {},
-    )
-    .await;
+    env.wait_for_phase(NS, "merge", Phase::Running, Duration::from_secs(600), || {})
+        .await;
     let registered_after = created.elapsed();
     progress(started, &format!("{runners} runners registered"));
     let (cpu0, t0) = (operator.cpu_seconds(), Instant::now());
     let mut peak_rss = 0.0f64;
-    wait_for(
-        &tests,
+    env.wait_for_phase(
+        NS,
         "merge",
         Phase::Succeeded,
         Duration::from_secs(seconds + 300),
@@ -158,7 +82,7 @@ async fn main() {
     .await;
     let (cpu1, t1) = (operator.cpu_seconds(), Instant::now());
     let (_, hwm) = operator.memory_mb();
-    let merged = report(cluster, "merge").await;
+    let (merged, _) = env.report(NS, "merge").await;
     progress(started, "merge test succeeded");
 
     // 2. Every request fails its check: criticalLoad aborts; when did the shop see
@@ -171,16 +95,13 @@ async fn main() {
         json!({
             "workload": {"users": runners * 2, "duration": "300s"},
             "runners": {"parallelism": runners, "image": "bench/trimtab-sidecar"},
-            "scenario": looping("/api/nothing-here", "100ms"),
+            "scenario": looping("/api/nothing-here", "response.status == 200", "100ms"),
             "guards": {"criticalLoad": {"errorRate": 0.5}, "window": "2s"},
         }),
     );
-    tests
-        .patch("doomed", &apply, &Patch::Apply(&doomed))
-        .await
-        .expect("create doomed");
-    wait_for(
-        &tests,
+    env.apply(&doomed).await;
+    env.wait_for_phase(
+        NS,
         "doomed",
         Phase::Aborted,
         Duration::from_secs(600),
@@ -189,14 +110,8 @@ async fn main() {
     .await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     let (total, last_change) = log.stop();
-    let aborted = report(cluster, "doomed").await;
-    let start = aborted["startAtUnixMicros"].as_u64().expect("start");
-    let breach_at = aborted["guardEvents"]
-        .as_array()
-        .and_then(|events| events.iter().find(|e| e["state"] == "aborted"))
-        .and_then(|e| e["atSeconds"].as_f64())
-        .expect("the abort event");
-    let breach = UNIX_EPOCH + Duration::from_micros(start) + Duration::from_secs_f64(breach_at);
+    let (aborted, _) = env.report(NS, "doomed").await;
+    let breach = abort_time(&aborted);
     let last = last_change.expect("the doomed shop saw requests");
     let after = match last.duration_since(breach) {
         Ok(d) => format!("+{:.0} ms", d.as_secs_f64() * 1e3),

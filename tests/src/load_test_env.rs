@@ -3,7 +3,22 @@
 //! Pods as local `trimtab-bots` processes, and the operator, whose config server the
 //! runners report to on loopback. Shared by the LoadTest e2e test and its benchmark.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::{Value, json};
+use trimtab_api::{
+    load_test::{LoadTest, Phase},
+    runner_protocol::from_unix_micros,
+};
 
 use crate::{
     cluster::TestCluster,
@@ -77,4 +92,106 @@ impl LoadTestEnv {
             cluster,
         }
     }
+}
+
+impl LoadTestEnv {
+    /// The report of `namespace/test`: `report.json` parsed, and `summary.txt`.
+    pub async fn report(&self, namespace: &str, test: &str) -> (Value, String) {
+        let map = Api::<ConfigMap>::namespaced(self.cluster.client(), namespace)
+            .get(&format!("{test}-report"))
+            .await
+            .expect("the report ConfigMap");
+        let data = map.data.expect("data");
+        (
+            serde_json::from_str(&data["report.json"]).expect("report.json"),
+            data["summary.txt"].clone(),
+        )
+    }
+
+    /// Creates (or updates) `test`, a LoadTest object, with server-side apply.
+    pub async fn apply(&self, test: &Value) {
+        let name = test["metadata"]["name"].as_str().expect("metadata.name");
+        let namespace = test["metadata"]["namespace"]
+            .as_str()
+            .expect("metadata.namespace");
+        Api::<LoadTest>::namespaced(self.cluster.client(), namespace)
+            .patch(
+                name,
+                &PatchParams::apply("trimtab-tests"),
+                &Patch::Apply(test),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("applying LoadTest {namespace}/{name}: {e}"));
+    }
+
+    /// Polls `namespace/name` every 250 ms until it is in `phase` (at most `limit`),
+    /// calling `each` between polls; returns the test as it then was.
+    pub async fn wait_for_phase(
+        &self,
+        namespace: &str,
+        name: &str,
+        phase: Phase,
+        limit: Duration,
+        mut each: impl FnMut(),
+    ) -> LoadTest {
+        let tests = Api::<LoadTest>::namespaced(self.cluster.client(), namespace);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let test = tests.get(name).await.expect("get load test");
+            if test.status.as_ref().and_then(|s| s.phase) == Some(phase) {
+                return test;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} not {phase:?} within {limit:?}: {:?}",
+                test.status
+            );
+            each();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+/// A LoadTest object `namespace/name` whose spec is `specs` merged in order (a later
+/// top-level field replaces an earlier one): defaults first, then what a case sets.
+pub fn load_test(namespace: &str, name: &str, specs: &[Value]) -> Value {
+    let mut spec = serde_json::Map::new();
+    for part in specs {
+        if let Some(fields) = part.as_object() {
+            spec.extend(fields.clone());
+        }
+    }
+    json!({
+        "apiVersion": "trimtab.dev/v1alpha1",
+        "kind": "LoadTest",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
+}
+
+/// A scenario of one state that GETs `path` again and again, checking `check`, with a
+/// constant `think` time.
+pub fn looping(path: &str, check: &str, think: &str) -> Value {
+    json!({
+        "start": "get",
+        "thinkTime": {"distribution": "constant", "mean": think},
+        "states": [{
+            "name": "get",
+            "request": {"method": "GET", "path": path},
+            "checks": [check],
+            "next": [{"state": "get", "weight": 1}],
+        }],
+    })
+}
+
+/// When the guard aborted the test of `report` (`report.json`): the start every runner
+/// was given plus the abort event's offset.
+pub fn abort_time(report: &Value) -> SystemTime {
+    let start = report["startAtUnixMicros"].as_u64().expect("start");
+    let at = report["guardEvents"]
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["state"] == "aborted"))
+        .and_then(|e| e["atSeconds"].as_f64())
+        .expect("the abort event");
+    from_unix_micros(start) + Duration::from_secs_f64(at)
 }

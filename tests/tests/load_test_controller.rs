@@ -10,7 +10,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::api::{
@@ -19,7 +19,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{ListParams, PostParams},
 };
 use serde_json::json;
 use trimtab_api::{
@@ -27,44 +27,25 @@ use trimtab_api::{
     results::{Results, human},
 };
 use trimtab_tests::{
-    cluster::TestCluster,
-    load_test_env::LoadTestEnv,
+    load_test_env::{self, LoadTestEnv, abort_time, looping},
     operator_process::workspace_binary,
     prometheus_server::{CpuExporter, Prometheus},
     shop::{self, RequestLog},
 };
 
 const NAMESPACE: &str = "load";
+/// How long a test may take to reach a phase.
+const WAIT: Duration = Duration::from_secs(120);
 
+/// A LoadTest against `target` with this file's defaults (4 users, 3 s, 2 runners)
+/// under the fields `spec` sets.
 fn load_test(name: &str, target: &str, spec: serde_json::Value) -> serde_json::Value {
-    let mut test = json!({
-        "apiVersion": "trimtab.dev/v1alpha1",
-        "kind": "LoadTest",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
-            "target": {"url": target},
-            "workload": {"users": 4, "duration": "3s"},
-            "runners": {"parallelism": 2, "image": "example.invalid/trimtab-sidecar:test"},
-        },
+    let defaults = json!({
+        "target": {"url": target},
+        "workload": {"users": 4, "duration": "3s"},
+        "runners": {"parallelism": 2, "image": "example.invalid/trimtab-sidecar:test"},
     });
-    if let (Some(base), Some(extra)) = (test["spec"].as_object_mut(), spec.as_object()) {
-        base.extend(extra.clone());
-    }
-    test
-}
-
-/// One state that GETs `path` again and again, checking `check`.
-fn looping(path: &str, check: &str, think: &str) -> serde_json::Value {
-    json!({
-        "start": "get",
-        "thinkTime": {"distribution": "constant", "mean": think},
-        "states": [{
-            "name": "get",
-            "request": {"method": "GET", "path": path},
-            "checks": [check],
-            "next": [{"state": "get", "weight": 1}],
-        }],
-    })
+    load_test_env::load_test(NAMESPACE, name, &[defaults, spec])
 }
 
 /// Everyone buys the first product of page 1 at once: the oversell bug's race.
@@ -83,23 +64,6 @@ fn flash_sale() -> serde_json::Value {
              "checks": ["response.status == 200 || response.status == 409"], "next": [{"state": "browse", "weight": 1}]},
         ],
     })
-}
-
-async fn wait_for_phase(tests: &Api<LoadTest>, name: &str, phase: Phase) -> LoadTest {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let test = tests.get(name).await.expect("get load test");
-        let now = test.status.as_ref().and_then(|s| s.phase);
-        if now == Some(phase) {
-            return test;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name} not {phase:?} within 120 s: {:?}",
-            test.status
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// `trimtab-bots` as the node agent runs it, with `--json` into the container's own
@@ -136,31 +100,13 @@ fn runner_results(work: &Path, test: &str) -> Vec<(Results, String)> {
     found.into_iter().map(|(_, r, l)| (r, l)).collect()
 }
 
-async fn report(cluster: &TestCluster, test: &str) -> (serde_json::Value, String) {
-    let map = Api::<ConfigMap>::namespaced(cluster.client(), NAMESPACE)
-        .get(&format!("{test}-report"))
-        .await
-        .expect("the report ConfigMap");
-    let data = map.data.expect("data");
-    (
-        serde_json::from_str(&data["report.json"]).expect("report.json"),
-        data["summary.txt"].clone(),
-    )
-}
-
 /// The target's own counter shows no request later than two report intervals after
 /// the guard's breach (the abort event in the report).
-async fn assert_quiet_after_breach(cluster: &TestCluster, test: &str, log: RequestLog) {
+async fn assert_quiet_after_breach(env: &LoadTestEnv, test: &str, log: RequestLog) {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (total, last_change) = log.stop();
-    let (report_json, _) = report(cluster, test).await;
-    let start = report_json["startAtUnixMicros"].as_u64().expect("start");
-    let breach_at = report_json["guardEvents"]
-        .as_array()
-        .and_then(|events| events.iter().find(|e| e["state"] == "aborted"))
-        .and_then(|e| e["atSeconds"].as_f64())
-        .expect("the abort event");
-    let breach = UNIX_EPOCH + Duration::from_micros(start) + Duration::from_secs_f64(breach_at);
+    let (report_json, _) = env.report(NAMESPACE, test).await;
+    let breach = abort_time(&report_json);
     assert!(total > 0, "{test} sent nothing");
     let last_change = last_change.expect("the counter moved");
     eprintln!(
@@ -188,7 +134,6 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         (&env.cluster, &env.operator, &env.cert, &env.control_plane);
 
     let tests = Api::<LoadTest>::namespaced(cluster.client(), NAMESPACE);
-    let apply = PatchParams::apply("load-test-e2e");
     let target = format!("http://{shop_addr}");
 
     // 1. Two runners start together and report; status and report equal the merge of
@@ -201,12 +146,10 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             "scenario": looping("/healthz", "response.status == 200", "50ms"),
         }),
     );
-    tests
-        .patch("health", &apply, &Patch::Apply(&health))
-        .await
-        .expect("create load test");
+    env.apply(&health).await;
     // A runner with another token is refused while the test runs.
-    wait_for_phase(&tests, "health", Phase::Running).await;
+    env.wait_for_phase(NAMESPACE, "health", Phase::Running, WAIT, || {})
+        .await;
     let scenario_file = work.path().join("health.yaml");
     std::fs::write(&scenario_file, health.to_string()).expect("scenario file");
     let rogue = tokio::process::Command::new(&bots)
@@ -233,7 +176,9 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         "{stderr}"
     );
 
-    let done = wait_for_phase(&tests, "health", Phase::Succeeded).await;
+    let done = env
+        .wait_for_phase(NAMESPACE, "health", Phase::Succeeded, WAIT, || {})
+        .await;
     let status = done.status.expect("status");
     let runners = status.runners.clone().expect("runner counts");
     assert_eq!((runners.finished, runners.failed), (2, 0), "{runners:?}");
@@ -253,7 +198,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         human(merged.latency.corrected.quantile(0.99)),
         "status p99 from the operator's merge = the test's own merge"
     );
-    let (report_json, summary) = report(cluster, "health").await;
+    let (report_json, summary) = env.report(NAMESPACE, "health").await;
     let reported_results: Results =
         serde_json::from_value(report_json["results"].clone()).expect("results in the report");
     assert_eq!(
@@ -310,11 +255,10 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
                             "expect": "response.json.items.all(i, i.stock >= 0)", "every": "1s"}],
         }),
     );
-    tests
-        .patch("sale", &apply, &Patch::Apply(&sale))
-        .await
-        .expect("create sale");
-    let sold = wait_for_phase(&tests, "sale", Phase::Succeeded).await;
+    env.apply(&sale).await;
+    let sold = env
+        .wait_for_phase(NAMESPACE, "sale", Phase::Succeeded, WAIT, || {})
+        .await;
     let invariants = sold.status.expect("status").invariants;
     assert!(
         invariants
@@ -322,7 +266,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             .any(|i| i.name == "stock-never-negative" && i.violations > 0),
         "{invariants:?}"
     );
-    let (_, summary) = report(cluster, "sale").await;
+    let (_, summary) = env.report(NAMESPACE, "sale").await;
     assert!(
         summary.contains("stock-never-negative:")
             && !summary.contains("stock-never-negative: 0 violations"),
@@ -342,11 +286,10 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             "guards": {"criticalLoad": {"errorRate": 0.5}, "window": "2s"},
         }),
     );
-    tests
-        .patch("doomed", &apply, &Patch::Apply(&doomed))
-        .await
-        .expect("create doomed");
-    let aborted = wait_for_phase(&tests, "doomed", Phase::Aborted).await;
+    env.apply(&doomed).await;
+    let aborted = env
+        .wait_for_phase(NAMESPACE, "doomed", Phase::Aborted, WAIT, || {})
+        .await;
     let status = aborted.status.expect("status");
     assert!(
         status.conditions.iter().any(|c| c.type_ == "Aborted"
@@ -355,7 +298,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         "{:?}",
         status.conditions
     );
-    assert_quiet_after_breach(cluster, "doomed", log).await;
+    assert_quiet_after_breach(&env, "doomed", log).await;
     // onSuccess keeps an aborted test's Job for inspection, suspended.
     let job = jobs.get("doomed-runners").await.expect("job");
     assert_eq!(job.spec.and_then(|s| s.suspend), Some(true));
@@ -400,11 +343,9 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             },
         }),
     );
-    tests
-        .patch("hot", &apply, &Patch::Apply(&hot))
-        .await
-        .expect("create hot");
-    wait_for_phase(&tests, "hot", Phase::Running).await;
+    env.apply(&hot).await;
+    env.wait_for_phase(NAMESPACE, "hot", Phase::Running, WAIT, || {})
+        .await;
     // The live numbers are on the operator's /metrics too.
     let operator_metrics = shop::get_text(operator.admin_addr, "/metrics").await;
     assert!(
@@ -425,7 +366,9 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     exporter.set_cores(NAMESPACE, "hot-0", 0.75);
-    let paused = wait_for_phase(&tests, "hot", Phase::Paused).await;
+    let paused = env
+        .wait_for_phase(NAMESPACE, "hot", Phase::Paused, WAIT, || {})
+        .await;
     let guard = paused.status.and_then(|s| s.guard).expect("guard status");
     assert!(
         guard
@@ -444,7 +387,8 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     exporter.set_cores(NAMESPACE, "hot-0", 0.2);
-    wait_for_phase(&tests, "hot", Phase::Running).await;
+    env.wait_for_phase(NAMESPACE, "hot", Phase::Running, WAIT, || {})
+        .await;
     // Resumed: the ramp goes on past the ceiling.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     while active().await <= held {
@@ -455,15 +399,17 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     exporter.set_cores(NAMESPACE, "hot-0", 1.0);
-    let aborted = wait_for_phase(&tests, "hot", Phase::Aborted).await;
+    let aborted = env
+        .wait_for_phase(NAMESPACE, "hot", Phase::Aborted, WAIT, || {})
+        .await;
     let reason = aborted
         .status
         .and_then(|s| s.guard)
         .and_then(|g| g.reason)
         .unwrap_or_default();
     assert!(reason.starts_with("criticalLoad: cpu"), "{reason}");
-    assert_quiet_after_breach(cluster, "hot", log).await;
-    let (report_json, _) = report(cluster, "hot").await;
+    assert_quiet_after_breach(&env, "hot", log).await;
+    let (report_json, _) = env.report(NAMESPACE, "hot").await;
     let ceiling = report_json["guardEvents"]
         .as_array()
         .and_then(|events| events.iter().find(|e| e["state"] == "holding"))
@@ -488,11 +434,9 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             "scenario": looping("/healthz", "response.status == 200", "50ms"),
         }),
     );
-    tests
-        .patch("dies", &apply, &Patch::Apply(&dies))
-        .await
-        .expect("create dies");
-    wait_for_phase(&tests, "dies", Phase::Running).await;
+    env.apply(&dies).await;
+    env.wait_for_phase(NAMESPACE, "dies", Phase::Running, WAIT, || {})
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Runner 0's command line holds its Pod's name (its scenario path).
     let killed = std::process::Command::new("pkill")
@@ -500,7 +444,9 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         .status()
         .expect("pkill");
     assert!(killed.success(), "runner 0 of dies was not found");
-    let failed = wait_for_phase(&tests, "dies", Phase::Failed).await;
+    let failed = env
+        .wait_for_phase(NAMESPACE, "dies", Phase::Failed, WAIT, || {})
+        .await;
     let status = failed.status.expect("status");
     assert!(
         status
@@ -510,7 +456,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         "{:?}",
         status.conditions
     );
-    let (report_json, _) = report(cluster, "dies").await;
+    let (report_json, _) = env.report(NAMESPACE, "dies").await;
     assert!(
         report_json["results"]["requests"].as_u64() > Some(0),
         "the runners' reports before the death are kept: {report_json}"
@@ -525,11 +471,9 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
             "scenario": looping("/healthz", "response.status == 200", "50ms"),
         }),
     );
-    tests
-        .patch("gone", &apply, &Patch::Apply(&gone))
-        .await
-        .expect("create gone");
-    wait_for_phase(&tests, "gone", Phase::Running).await;
+    env.apply(&gone).await;
+    env.wait_for_phase(NAMESPACE, "gone", Phase::Running, WAIT, || {})
+        .await;
     // Running means the start is fixed (2 s ahead): wait for the traffic itself.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while shop::requests(gone_addr).await == 0 {
@@ -563,19 +507,15 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
     );
 
     // 6. A scenario the runners refuse (a CEL check that does not compile) fails it.
-    tests
-        .patch(
-            "broken",
-            &apply,
-            &Patch::Apply(&load_test(
-                "broken",
-                &target,
-                json!({"scenario": looping("/healthz", "response.status ==", "50ms")}),
-            )),
-        )
-        .await
-        .expect("create broken load test");
-    let failed = wait_for_phase(&tests, "broken", Phase::Failed).await;
+    env.apply(&load_test(
+        "broken",
+        &target,
+        json!({"scenario": looping("/healthz", "response.status ==", "50ms")}),
+    ))
+    .await;
+    let failed = env
+        .wait_for_phase(NAMESPACE, "broken", Phase::Failed, WAIT, || {})
+        .await;
     let status = failed.status.expect("status");
     assert!(status.runners.expect("runners").failed >= 1);
     assert!(
