@@ -336,6 +336,39 @@ impl Results {
         keep_first(&mut self.failure_examples, &other.failure_examples);
     }
 
+    /// Requests, failures and corrected-latency percentiles per state (states that sent
+    /// nothing left out) and overall, as a fixed-width table.
+    pub fn latency_table(&self) -> String {
+        let row = |name: &str, requests: u64, failures: u64, h: &LatencyHistogram| {
+            format!(
+                "{name:<20} {requests:>10} {failures:>9} {:>10} {:>10} {:>10} {:>10}\n",
+                human(h.quantile(0.5)),
+                human(h.quantile(0.9)),
+                human(h.quantile(0.99)),
+                human(h.max()),
+            )
+        };
+        let mut out = format!(
+            "{:<20} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}\n",
+            "state", "requests", "failures", "p50", "p90", "p99", "max"
+        );
+        for (name, state) in self.states.iter().filter(|(_, s)| s.requests > 0) {
+            out += &row(
+                name,
+                state.requests,
+                state.failures.total(),
+                &state.latency.corrected,
+            );
+        }
+        out += &row(
+            "all",
+            self.requests,
+            self.failures.total(),
+            &self.latency.corrected,
+        );
+        out
+    }
+
     /// Invariant violations over all invariants.
     pub fn violations(&self) -> u64 {
         self.invariants.values().map(|i| i.violations).sum()

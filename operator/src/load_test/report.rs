@@ -159,30 +159,7 @@ fn summary(report: &Report<'_>) -> String {
         r.sessions_started,
         r.sessions_completed
     );
-    let _ = writeln!(
-        out,
-        "{:<20} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}",
-        "state", "requests", "failed", "p50", "p90", "p99", "max"
-    );
-    let mut row = |name: &str, requests: u64, failed: u64, h: &LatencyHistogram| {
-        let _ = writeln!(
-            out,
-            "{name:<20} {requests:>10} {failed:>9} {:>10} {:>10} {:>10} {:>10}",
-            human(h.quantile(0.5)),
-            human(h.quantile(0.9)),
-            human(h.quantile(0.99)),
-            human(h.max()),
-        );
-    };
-    for (name, state) in &r.states {
-        row(
-            name,
-            state.requests,
-            state.failures.total(),
-            &state.latency.corrected,
-        );
-    }
-    row("all", r.requests, r.failures.total(), &r.latency.corrected);
+    out.push_str(&r.latency_table());
     if !r.invariants.is_empty() {
         let _ = writeln!(out, "\ninvariants:");
         for (name, inv) in &r.invariants {

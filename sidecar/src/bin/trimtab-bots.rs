@@ -25,7 +25,7 @@ use trimtab_sidecar::bots::{
     control::{Control, ControlError, ControlSettings},
     gate::UNLIMITED,
     metrics,
-    results::{Latency, Results, human},
+    results::{Results, human},
     run::{Compiled, Run, RunError, RunOptions},
     shard::Shard,
 };
@@ -368,34 +368,9 @@ fn progress_bar(duration: Duration) -> ProgressBar {
     bar
 }
 
-fn row(name: &str, requests: u64, failures: u64, latency: &Latency) -> String {
-    let h = &latency.corrected;
-    format!(
-        "{name:<20} {requests:>10} {failures:>9} {:>10} {:>10} {:>10} {:>10}\n",
-        human(h.quantile(0.5)),
-        human(h.quantile(0.9)),
-        human(h.quantile(0.99)),
-        human(h.max()),
-    )
-}
-
 /// The final table: per state and overall, latency from the intended start.
 fn table(results: &Results, elapsed: Duration) -> String {
-    let mut out = format!(
-        "{:<20} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}\n",
-        "state", "requests", "failures", "p50", "p90", "p99", "max"
-    );
-    for (name, state) in &results.states {
-        if state.requests > 0 {
-            out += &row(name, state.requests, state.failures.total(), &state.latency);
-        }
-    }
-    out += &row(
-        "all",
-        results.requests,
-        results.failures.total(),
-        &results.latency,
-    );
+    let mut out = results.latency_table();
     let f = &results.failures;
     out += &format!(
         "\n{:.1} s, {:.0} requests/s; sessions {} started, {} completed; dropped arrivals {}\n",
