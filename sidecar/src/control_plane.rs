@@ -893,8 +893,9 @@ fn causes(e: &(dyn StdError + 'static)) -> String {
     out
 }
 
-/// At most `limit` bytes of a response's body.
-async fn read_body(response: Response<Incoming>, limit: usize) -> Result<Bytes, String> {
+/// At most `limit` bytes of a response's body (the config server's, the runner
+/// endpoint's).
+pub(crate) async fn read_body(response: Response<Incoming>, limit: usize) -> Result<Bytes, String> {
     Limited::new(response.into_body(), limit)
         .collect()
         .await

@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use rand::{SeedableRng, rngs::SmallRng};
 use tokio::time::{Instant, MissedTickBehavior};
 use trimtab_api::{
@@ -175,11 +175,9 @@ impl Control {
                 .await
                 .map_err(|e| SendError::Transient(error_chain(&e)))?;
             let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-                .collect()
+            let body = control_plane::read_body(response, MAX_ANSWER_BYTES)
                 .await
-                .map_err(|e| SendError::Transient(format!("reading the answer: {e}")))?
-                .to_bytes();
+                .map_err(SendError::Transient)?;
             Ok::<_, SendError>((status, body))
         };
         let (status, body) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
