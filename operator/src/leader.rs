@@ -62,10 +62,13 @@ impl Leadership {
         *self.state.borrow()
     }
 
-    /// Waits until leadership changes; returns the new value.
+    /// Waits until leadership changes; returns the new value. Once election has
+    /// stopped (or for [`Self::always`]) it never changes again, and this never returns:
+    /// loops that wait on it must not spin.
     pub async fn changed(&mut self) -> bool {
-        // A closed channel means election stopped: keep the last verdict.
-        let _ = self.state.changed().await;
-        *self.state.borrow()
+        if self.state.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        *self.state.borrow_and_update()
     }
 }

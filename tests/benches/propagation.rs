@@ -38,23 +38,19 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode, header};
-use hyper_util::{
-    client::legacy::{Client as HttpClient, connect::HttpConnector},
-    rt::TokioExecutor,
-};
+use hyper_util::client::legacy::{Client as HttpClient, connect::HttpConnector};
 use k8s_openapi::api::{
     authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
     core::v1::{Pod, ServiceAccount},
 };
 use kube::{Api, Client, ResourceExt, api::PostParams};
-use rustls_pki_types::{CertificateDer, pem::PemObject};
 use serde_json::{Value, json};
 use tokio::{sync::watch, task::JoinSet};
 use trimtab_api::{BalancerPolicy, sidecar_config::SidecarConfig};
 use trimtab_tests::{
     cluster::TestCluster,
     crds,
-    operator_process::{OperatorProcess, ServingCert, free_addr},
+    operator_process::{OperatorProcess, ServingCert, free_addr, https_client},
 };
 
 const NS: &str = "bench";
@@ -179,28 +175,6 @@ where
 // --- the config server client --------------------------------------------------------
 
 type Https = HttpClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-fn https_client(ca_pem: &str) -> Https {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA PEM"))
-        .expect("CA accepted");
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocols")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .build();
-    HttpClient::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(120))
-        .build(connector)
-}
 
 struct Answer {
     status: StatusCode,

@@ -7,9 +7,41 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
+use hyper_util::{
+    client::legacy::{Client as HttpClient, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::process::{Child, Command};
 
 use crate::cluster::TestCluster;
+
+/// An HTTP/1.1 client of the operator's config server that trusts `ca_pem` (the test
+/// certificate, or the operator's own CA) and nothing else.
+pub fn https_client<B>(ca_pem: &str) -> HttpClient<hyper_rustls::HttpsConnector<HttpConnector>, B>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA PEM"))
+        .expect("CA accepted");
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocols")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .build();
+    HttpClient::builder(TokioExecutor::new()).build(connector)
+}
 
 /// Builds (a no-op when fresh) and returns the path of binary `bin` of package
 /// `package`, next to the running test executable. Building here keeps
@@ -98,7 +130,10 @@ impl ServingCert {
 /// A running `trimtab-operator`.
 #[derive(Debug)]
 pub struct OperatorProcess {
-    child: Child,
+    /// `None` only while it restarts.
+    child: std::sync::Mutex<Option<Child>>,
+    /// How it was started, to start it again.
+    command: StartCommand,
     /// The config server's address.
     pub config_addr: SocketAddr,
     /// The admin server's address.
@@ -131,42 +166,61 @@ impl OperatorProcess {
         cert: Option<&ServingCert>,
         env: &[(&str, &str)],
     ) -> Self {
-        let binary = workspace_binary("trimtab-operator", "trimtab-operator").expect("operator");
         let admin_addr = free_addr();
         let log = cluster.dir().join(format!("{instance}.log"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        let mut command = Command::new(binary);
-        command
-            .env("KUBECONFIG", cluster.kubeconfig_path())
-            .env("TRIMTAB_LOG", "info,trimtab_operator=debug")
-            .envs(env.iter().copied())
-            .args(["--instance", instance, "--namespace", namespace])
-            .arg(format!("--config-addr={config_addr}"))
-            .arg(format!("--admin-addr={admin_addr}"));
+        let mut args = vec![
+            "--instance".to_owned(),
+            instance.to_owned(),
+            "--namespace".to_owned(),
+            namespace.to_owned(),
+            format!("--config-addr={config_addr}"),
+            format!("--admin-addr={admin_addr}"),
+        ];
         if let Some(cert) = cert {
-            command
-                .arg(format!("--tls-cert-file={}", cert.cert.display()))
-                .arg(format!("--tls-key-file={}", cert.key.display()));
+            args.push(format!("--tls-cert-file={}", cert.cert.display()));
+            args.push(format!("--tls-key-file={}", cert.key.display()));
         }
-        let child = command
-            // tracing writes to stdout: both go to the log.
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("operator starts");
+        let mut envs = vec![
+            (
+                "KUBECONFIG".to_owned(),
+                cluster.kubeconfig_path().display().to_string(),
+            ),
+            (
+                "TRIMTAB_LOG".to_owned(),
+                "info,trimtab_operator=debug".to_owned(),
+            ),
+        ];
+        envs.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let command = StartCommand {
+            binary: workspace_binary("trimtab-operator", "trimtab-operator").expect("operator"),
+            args,
+            envs,
+            log: log.clone(),
+        };
         let operator = Self {
-            child,
+            child: std::sync::Mutex::new(Some(command.spawn())),
+            command,
             config_addr,
             admin_addr,
             log,
         };
         operator.wait_until_listening().await;
         operator
+    }
+
+    /// SIGKILL, then the same process again (same instance, addresses and
+    /// environment, the log appended): a crash and restart of its pod.
+    pub async fn restart(&self) {
+        let old = self.lock_child().take();
+        if let Some(mut old) = old {
+            let _ = old.kill().await;
+        }
+        *self.lock_child() = Some(self.command.spawn());
+        self.wait_until_listening().await;
+    }
+
+    fn lock_child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn wait_until_listening(&self) {
@@ -192,7 +246,7 @@ impl OperatorProcess {
 
     /// The process id, e.g. to read its RSS from `/proc`.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.lock_child().as_ref().and_then(Child::id)
     }
 
     /// User + system CPU seconds so far (USER_HZ is 100 on Linux); 0 once it exited.
@@ -227,7 +281,38 @@ impl OperatorProcess {
     }
 
     /// SIGKILL, as when its node dies.
-    pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
+    pub async fn kill(self) {
+        let child = self.lock_child().take();
+        if let Some(mut child) = child {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// What starts the operator process.
+#[derive(Debug)]
+struct StartCommand {
+    binary: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    log: PathBuf,
+}
+
+impl StartCommand {
+    fn spawn(&self) -> Child {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        Command::new(&self.binary)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .args(&self.args)
+            // tracing writes to stdout: both go to the log.
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("operator starts")
     }
 }

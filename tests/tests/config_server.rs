@@ -20,13 +20,13 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer, pem::PemObject};
+use rustls_pki_types::{PrivatePkcs8KeyDer, pem::PemObject};
 use serde_json::{Value, json};
 use trimtab_api::{BalancerPolicy, sidecar_config::SidecarConfig};
 use trimtab_tests::{
     cluster::{TestCluster, files},
     crds,
-    operator_process::{OperatorProcess, ServingCert, free_addr},
+    operator_process::{OperatorProcess, ServingCert, free_addr, https_client},
 };
 
 const NS: &str = "storefront";
@@ -56,24 +56,8 @@ impl Answer {
 
 impl ConfigClient {
     fn new(operator: &OperatorProcess, ca_pem: &str) -> Self {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA PEM"))
-            .expect("CA accepted");
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocols")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .build();
         Self {
-            http: HttpClient::builder(TokioExecutor::new()).build(connector),
+            http: https_client(ca_pem),
             base: format!("https://127.0.0.1:{}", operator.config_addr.port()),
         }
     }

@@ -6,13 +6,18 @@
 //! report against the runners' own results, the invariant violations of the oversell
 //! bug, a refused runner token, a broken scenario, a criticalLoad abort proven by the
 //! shop's own request counter, CPU guards reading a real Prometheus (maxLoad pauses and
-//! resumes, criticalLoad aborts), a runner that dies, and a test deleted mid-run.
+//! resumes, criticalLoad aborts), an operator restart mid-test, a runner that dies, and
+//! a test deleted mid-run.
 
 use std::{
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
 use k8s_openapi::api::{
     batch::v1::Job,
     core::v1::{ConfigMap, Event, Pod, Secret},
@@ -25,10 +30,11 @@ use serde_json::json;
 use trimtab_api::{
     load_test::{LoadTest, Phase},
     results::{Results, human},
+    runner_protocol,
 };
 use trimtab_tests::{
     load_test_env::{self, LoadTestEnv, abort_time, looping},
-    operator_process::workspace_binary,
+    operator_process::{https_client, workspace_binary},
     prometheus_server::{CpuExporter, Prometheus},
     shop::{self, RequestLog},
 };
@@ -142,7 +148,7 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         "health",
         &target,
         json!({
-            "workload": {"users": 4, "duration": "6s"},
+            "workload": {"users": 4, "duration": "10s"},
             "scenario": looping("/healthz", "response.status == 200", "50ms"),
         }),
     );
@@ -175,6 +181,39 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
         stderr.contains("refused runner 0: 401") && stderr.contains("token"),
         "{stderr}"
     );
+    // A stranger is refused before its body is read: a report that announces 100 MiB
+    // and sends one chunk gets its 401 at once, not after the body.
+    let chunk = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+        Bytes::from_static(b"{\"seq\": 1, "),
+    ))])
+    .chain(futures_util::stream::pending());
+    let request = hyper::Request::post(format!(
+        "{control_plane}{}",
+        runner_protocol::report_path(NAMESPACE, "health", 0)
+    ))
+    .header("authorization", "Bearer not-the-token")
+    .header("content-length", (100u64 << 20).to_string())
+    .body(StreamBody::new(chunk))
+    .expect("request");
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        https_client(&cert.pem).request(request),
+    )
+    .await
+    .expect("refused without reading the body")
+    .expect("an answer");
+    assert_eq!(refused.status(), 401);
+    // The operator crashes and comes back while the test runs: the runners' next
+    // reports rebuild its view, the start they were given included, and nothing they
+    // had reported is lost (checked below against the runners' own results).
+    let given_start = tests
+        .get("health")
+        .await
+        .expect("health")
+        .status
+        .and_then(|s| s.start_time)
+        .expect("a start time");
+    operator.restart().await;
 
     let done = env
         .wait_for_phase(NAMESPACE, "health", Phase::Succeeded, WAIT, || {})
@@ -209,6 +248,13 @@ async fn load_tests_start_together_merge_results_exactly_and_abort_at_critical_l
     let skew = report_json["startSkewMicros"].as_u64().expect("start skew");
     eprintln!("start skew of 2 runners: {skew} µs");
     assert!(skew < 250_000, "start skew {skew} µs");
+    let start = report_json["startAtUnixMicros"].as_u64().expect("a start");
+    let given = u64::try_from(given_start.0.as_microsecond()).expect("after 1970");
+    // status.startTime has whole seconds.
+    assert!(
+        start.abs_diff(given) < 1_000_000,
+        "the start after the restart ({start} µs) is the one given before ({given} µs)"
+    );
     assert_eq!(
         status.report.map(|r| r.config_map).as_deref(),
         Some("health-report")

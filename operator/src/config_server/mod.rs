@@ -538,6 +538,8 @@ async fn runner_report(
     index: u32,
 ) -> Result<Response<Full<Bytes>>, RequestError> {
     let token = bearer(&req)?.to_owned();
+    // Who is asking is settled before a byte of the body is read.
+    state.runs.admit(&test, index, &token)?;
     let body = read_body(req, runner_protocol::MAX_REPORT_BYTES).await?;
     let report: RunnerReport =
         serde_json::from_slice(&body).map_err(|e| RequestError::BadRequest {

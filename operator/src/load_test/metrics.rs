@@ -1,6 +1,8 @@
 //! Live LoadTest numbers on the operator's `/metrics`, from the same merged results as
 //! `status`, labelled by test. A test's series go when it ends (its final numbers stay
-//! in its status and report), so finished tests do not pile up label sets.
+//! in its status and report), so finished tests do not pile up label sets; so do a
+//! deleted test's, and every series of a replica that stops leading (the new leader
+//! publishes them).
 
 use prometheus::{GaugeVec, IntGaugeVec, Opts, Registry};
 use trimtab_api::guard::GuardState;
@@ -113,6 +115,22 @@ impl LoadTestMetrics {
         }
         for g in [&self.rps, &self.p99] {
             let _ = g.remove_label_values(&labels);
+        }
+    }
+
+    /// Drops every test's series.
+    pub fn clear(&self) {
+        for c in [
+            &self.requests,
+            &self.failures,
+            &self.active_users,
+            &self.violations,
+            &self.guard,
+        ] {
+            c.reset();
+        }
+        for g in [&self.rps, &self.p99] {
+            g.reset();
         }
     }
 }

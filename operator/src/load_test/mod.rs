@@ -36,7 +36,7 @@ use kube::{
         Controller,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        reflector::Store,
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -130,28 +130,79 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         pods: wiring.pods,
-        leadership,
+        leadership: leadership.clone(),
         settings: wiring.settings,
         runs: wiring.runs,
         metrics,
         live: wiring.live,
     });
-    Controller::new(
+    let controller = Controller::new(
         Api::<LoadTest>::all(client.clone()),
         watcher::Config::default(),
     )
     .owns(
         Api::<Job>::all(client),
         watcher::Config::default().labels(objects::LOAD_TEST_LABEL),
-    )
-    .shutdown_on_signal()
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "load test reconcile did not run");
+    );
+    tokio::spawn(follow_leadership(
+        leadership,
+        ctx.runs.clone(),
+        ctx.live.clone(),
+    ));
+    tokio::spawn(sweep_deleted(
+        controller.store(),
+        ctx.runs.clone(),
+        ctx.live.clone(),
+    ));
+    controller
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "load test reconcile did not run");
+            }
+        })
+        .await;
+}
+
+/// Keeps the runs board and the live series to the leader: a replica that loses the
+/// lease forgets every run, so runners move to the new leader instead of being steered
+/// by a replica that no longer writes.
+async fn follow_leadership(mut leadership: Leadership, runs: Runs, live: metrics::LoadTestMetrics) {
+    let mut leading = leadership.is_leader();
+    loop {
+        runs.set_leading(leading);
+        if !leading {
+            live.clear();
         }
-    })
-    .await;
+        leading = leadership.changed().await;
+    }
+}
+
+/// How often runs and series of deleted tests are looked for. A deleted test has no
+/// reconcile to notice (there is no finalizer: deleting a test must not wait for the
+/// operator).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Drops the runs and live series of tests that are gone.
+async fn sweep_deleted(tests: Store<LoadTest>, runs: Runs, live: metrics::LoadTestMetrics) {
+    if tests.wait_until_ready().await.is_err() {
+        return;
+    }
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let gone = runs.sweep(|(namespace, name), uid| {
+            tests
+                .get(&ObjectRef::new(name).within(namespace))
+                .is_some_and(|t| t.uid().as_deref() == Some(uid))
+        });
+        for test in gone {
+            tracing::debug!(namespace = %test.0, name = %test.1, "forgot the run of a deleted LoadTest");
+            live.remove(&test);
+        }
+    }
 }
 
 fn error_policy(test: Arc<LoadTest>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
@@ -273,6 +324,7 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
         ctx.live.set(&key, run);
     }
     let progress = objects::progress(
+        current.phase,
         Some(&job),
         run.as_ref(),
         test.spec.runners.parallelism,
@@ -307,7 +359,7 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
                 .await
                 .map_err(api_error("deleting the runner Job"))?;
         }
-        ctx.runs.forget(&key);
+        ctx.runs.end(&key);
         ctx.live.remove(&key);
     }
     ctx.metrics.observe_reconcile(started.elapsed());
@@ -420,21 +472,38 @@ async fn write_status(
                 source,
             }
         })?;
-        Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
+        match Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace)
             .patch(
                 &objects::report_name(&name),
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&map),
             )
             .await
-            .map_err(|source| ReconcileError::Api {
-                action: "writing the report ConfigMap",
-                test: format!("{namespace}/{name}"),
-                source,
-            })?;
-        status.report = Some(ReportRef {
-            config_map: objects::report_name(&name),
-        });
+        {
+            Ok(_) => {
+                status.report = Some(ReportRef {
+                    config_map: objects::report_name(&name),
+                });
+            }
+            // Refused for good (a quota, a policy): the test has ended all the same,
+            // and its status keeps the numbers. Retrying would leave it Running forever.
+            Err(kube::Error::Api(s)) if (400..500).contains(&s.code) && s.code != 429 => {
+                tracing::warn!(test = %name, %namespace, code = s.code, error = %s.message, "the report ConfigMap was refused; the test ends without it");
+                if let Some(c) = status.conditions.last_mut() {
+                    c.message = format!(
+                        "{} (the report ConfigMap was refused: {})",
+                        c.message, s.message
+                    );
+                }
+            }
+            Err(source) => {
+                return Err(ReconcileError::Api {
+                    action: "writing the report ConfigMap",
+                    test: format!("{namespace}/{name}"),
+                    source,
+                });
+            }
+        }
     }
     if &status == current {
         return Ok(());

@@ -227,14 +227,17 @@ pub struct Progress {
     pub message: String,
 }
 
-/// The phase of a test whose runners are `job` (`None`: not created yet) and report
-/// `run` (`None`: not tracked here yet), `waited` after the Job was made; runners that
-/// have not all registered within `start_deadline` fail the test.
+/// The phase of a test now in phase `current`, whose runners are `job` (`None`: not
+/// created yet) and report `run` (`None`: not tracked here yet), `waited` after the Job
+/// was made; runners that have not all registered within `start_deadline` fail the
+/// test. A test that was running when this replica took over (restart, new leader)
+/// has an empty board until the runners' next reports: it stays as it was meanwhile.
 ///
 /// A runner that dies fails the test (the Job's `backoffLimit` is 0): its share of the
 /// users is gone, so what remains is not the load the test asked for. What every runner
 /// reported up to then is still merged into the report.
 pub fn progress(
+    current: Option<Phase>,
     job: Option<&Job>,
     run: Option<&RunSnapshot>,
     parallelism: u32,
@@ -285,7 +288,13 @@ pub fn progress(
     } else if job.is_none() {
         (Phase::Pending, "Creating", "creating the runners".into())
     } else if reported.start_at.is_none() {
-        if waited > start_deadline {
+        if let Some(phase @ (Phase::Running | Phase::Paused)) = current {
+            (
+                phase,
+                "AwaitingReports",
+                "this operator replica restarted or took over: the runners' next reports rebuild the numbers".into(),
+            )
+        } else if waited > start_deadline {
             (
                 Phase::Failed,
                 "RunnersNotRegistered",
@@ -423,11 +432,11 @@ mod tests {
         let early = Duration::from_secs(1);
         let mut job = Job::default();
         assert_eq!(
-            progress(None, None, 3, early, deadline).phase,
+            progress(None, None, None, 3, early, deadline).phase,
             Phase::Pending
         );
         assert_eq!(
-            progress(Some(&job), None, 3, early, deadline).phase,
+            progress(None, Some(&job), None, 3, early, deadline).phase,
             Phase::Starting
         );
         let mut run = RunSnapshot {
@@ -435,29 +444,45 @@ mod tests {
             waiting: 2,
             ..RunSnapshot::default()
         };
-        let p = progress(Some(&job), Some(&run), 3, early, deadline);
+        let p = progress(None, Some(&job), Some(&run), 3, early, deadline);
         assert_eq!((p.phase, p.runners.ready), (Phase::Starting, 2));
         assert_eq!(p.message, "2 of 3 runners registered");
-        let late = progress(Some(&job), Some(&run), 3, deadline * 2, deadline);
+        let late = progress(None, Some(&job), Some(&run), 3, deadline * 2, deadline);
         assert_eq!(
             (late.phase, late.reason),
             (Phase::Failed, "RunnersNotRegistered")
         );
+        // A test that was running before this replica took over keeps running while
+        // the runners report again, however old its Job.
+        for phase in [Phase::Running, Phase::Paused] {
+            let fresh = RunSnapshot::default();
+            let p = progress(
+                Some(phase),
+                Some(&job),
+                Some(&fresh),
+                3,
+                deadline * 2,
+                deadline,
+            );
+            assert_eq!((p.phase, p.reason), (phase, "AwaitingReports"));
+            let p = progress(Some(phase), Some(&job), None, 3, deadline * 2, deadline);
+            assert_eq!(p.phase, phase);
+        }
         run.waiting = 0;
         run.running = 3;
         run.start_at = Some(std::time::SystemTime::now());
         run.start_skew = Some(Duration::from_micros(1500));
-        let p = progress(Some(&job), Some(&run), 3, early, deadline);
+        let p = progress(None, Some(&job), Some(&run), 3, early, deadline);
         assert_eq!(p.phase, Phase::Running);
         assert_eq!(p.message, "3 runners started together within 1.5 ms");
         run.guard = GuardState::Holding;
         run.guard_reason = Some("maxLoad: p99 3s > 2s".into());
         assert_eq!(
-            progress(Some(&job), Some(&run), 3, early, deadline).phase,
+            progress(None, Some(&job), Some(&run), 3, early, deadline).phase,
             Phase::Paused
         );
         run.guard = GuardState::Aborted;
-        let p = progress(Some(&job), Some(&run), 3, early, deadline);
+        let p = progress(None, Some(&job), Some(&run), 3, early, deadline);
         assert_eq!((p.phase, p.reason), (Phase::Aborted, "CriticalLoad"));
         run.guard = GuardState::Running;
         let done = |kind: &str| JobCondition {
@@ -471,14 +496,14 @@ mod tests {
             conditions: Some(vec![done("Complete")]),
             ..Default::default()
         });
-        let p = progress(Some(&job), Some(&run), 3, early, deadline);
+        let p = progress(None, Some(&job), Some(&run), 3, early, deadline);
         assert_eq!((p.phase, p.runners.finished), (Phase::Succeeded, 3));
         job.status = Some(JobStatus {
             failed: Some(1),
             conditions: Some(vec![done("Failed")]),
             ..Default::default()
         });
-        let p = progress(Some(&job), Some(&run), 3, early, deadline);
+        let p = progress(None, Some(&job), Some(&run), 3, early, deadline);
         assert_eq!(p.phase, Phase::Failed);
         assert!(p.message.contains("1 runner(s) failed"), "{}", p.message);
         assert!(is_final(p.phase) && !is_final(Phase::Running));

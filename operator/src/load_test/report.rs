@@ -26,6 +26,9 @@ use super::{
 pub const REPORT_KEY: &str = "report.json";
 /// `summary.txt` in the report ConfigMap.
 pub const SUMMARY_KEY: &str = "summary.txt";
+/// The most the report ConfigMap's data holds: the API server refuses a ConfigMap over
+/// 1 MiB, and this leaves room for its metadata.
+pub const MAX_REPORT_DATA: usize = 1_000_000;
 
 /// Fills `status` with the live numbers of `run`.
 pub fn fill_status(status: &mut LoadTestStatus, run: &RunSnapshot) {
@@ -77,10 +80,10 @@ pub fn latency_summary(h: &LatencyHistogram) -> LatencySummary {
 }
 
 /// Everything `report.json` holds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Report<'a> {
-    test: String,
+    test: &'a str,
     phase: Phase,
     reason: &'a str,
     message: &'a str,
@@ -92,8 +95,37 @@ struct Report<'a> {
     runners_reported: u32,
     start_skew_micros: Option<u64>,
     guard_events: &'a [GuardEvent],
+    /// What was left out to fit the ConfigMap, when something was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    left_out: Option<&'static str>,
     results: &'a Results,
 }
+
+/// A way to shrink a report: what it leaves out, and how.
+type Shrink = (&'static str, fn(&mut Results));
+
+/// Ways to shrink a report that does not fit, mildest first: per-state histograms
+/// (the overall ones keep every percentile), then per-state numbers and examples.
+const SHRINK: [Shrink; 2] = [
+    (
+        "per-state latency histograms (the report would exceed the ConfigMap limit)",
+        |r| {
+            for state in r.states.values_mut() {
+                state.latency = Default::default();
+            }
+        },
+    ),
+    (
+        "per-state results and failure examples (the report would exceed the ConfigMap limit)",
+        |r| {
+            r.states.clear();
+            r.failure_examples.clear();
+            for invariant in r.invariants.values_mut() {
+                invariant.examples.clear();
+            }
+        },
+    ),
+];
 
 /// The report ConfigMap of a test that ended as `progress` says, owned by the test (it
 /// survives the cleanup of the runners, not the deletion of the test).
@@ -104,8 +136,9 @@ pub fn config_map(
     status: &LoadTestStatus,
 ) -> Result<ConfigMap, serde_json::Error> {
     let name = test.name_any();
+    let id = format!("{}/{name}", test.namespace().unwrap_or_default());
     let report = Report {
-        test: format!("{}/{name}", test.namespace().unwrap_or_default()),
+        test: &id,
         phase: progress.phase,
         reason: progress.reason,
         message: &progress.message,
@@ -118,15 +151,28 @@ pub fn config_map(
             .start_skew
             .map(|s| u64::try_from(s.as_micros()).unwrap_or(u64::MAX)),
         guard_events: &run.guard_events,
+        left_out: None,
         results: &run.results,
     };
+    // The summary is a page of text whatever the test; the JSON is what can grow.
+    let summary = summary(&report);
+    let mut json = serde_json::to_string(&report)?;
+    let mut shrunk = run.results.clone();
+    for (what, shrink) in SHRINK {
+        if json.len() + summary.len() <= MAX_REPORT_DATA {
+            break;
+        }
+        shrink(&mut shrunk);
+        json = serde_json::to_string(&Report {
+            left_out: Some(what),
+            results: &shrunk,
+            ..report
+        })?;
+    }
     let mut map = objects::owned_config_map(test, objects::report_name(&name));
     map.data = Some(BTreeMap::from([
-        (
-            REPORT_KEY.to_owned(),
-            serde_json::to_string_pretty(&report)?,
-        ),
-        (SUMMARY_KEY.to_owned(), summary(&report)),
+        (REPORT_KEY.to_owned(), json),
+        (SUMMARY_KEY.to_owned(), summary),
     ]));
     Ok(map)
 }
@@ -235,5 +281,62 @@ mod tests {
         assert_eq!(status.invariants[0].violations, 2);
         assert_eq!(status.users.as_ref().map(|u| u.active), Some(3));
         assert_eq!(status.guard.as_ref().map(|g| g.state), Some(GuardState::Ok));
+    }
+
+    #[test]
+    fn a_report_too_large_for_a_config_map_leaves_out_per_state_detail() {
+        let test: LoadTest = serde_json::from_value(serde_json::json!({
+            "apiVersion": "trimtab.dev/v1alpha1",
+            "kind": "LoadTest",
+            "metadata": {"name": "big", "namespace": "load", "uid": "u-1"},
+            "spec": {
+                "target": {"url": "http://127.0.0.1:8080"},
+                "workload": {"users": 1, "duration": "1s"},
+                "scenario": {"start": "a", "states": [{"name": "a", "request": {"path": "/"}}]},
+            },
+        }))
+        .expect("a LoadTest");
+        // Wide histograms in many states: several MB as JSON.
+        let mut results = Results::default();
+        for s in 0..200 {
+            let state = results.states.entry(format!("state-{s}")).or_default();
+            for us in (0..3000u64).map(|i| 1 + i * i * 7) {
+                state
+                    .latency
+                    .record(Duration::from_micros(us), Duration::from_micros(us + 1));
+            }
+            state.requests = 3000;
+        }
+        results
+            .latency
+            .record(Duration::from_millis(5), Duration::from_millis(5));
+        results.requests = 600_000;
+        let run = RunSnapshot {
+            results,
+            ..RunSnapshot::default()
+        };
+        let progress = Progress {
+            phase: Phase::Succeeded,
+            runners: Default::default(),
+            reason: "RunnersSucceeded",
+            message: "done".into(),
+        };
+        let map = config_map(&test, &progress, &run, &LoadTestStatus::default()).expect("a report");
+        let data = map.data.expect("data");
+        let size: usize = data.values().map(String::len).sum();
+        assert!(size <= MAX_REPORT_DATA, "{size} bytes");
+        let report: serde_json::Value = serde_json::from_str(&data[REPORT_KEY]).expect("JSON");
+        assert!(
+            report["leftOut"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("per-state latency histograms")),
+            "{}",
+            report["leftOut"]
+        );
+        // The counts survive; so does the overall histogram.
+        assert_eq!(report["results"]["requests"], 600_000);
+        assert_eq!(report["results"]["states"]["state-7"]["requests"], 3000);
+        let back: Results = serde_json::from_value(report["results"].clone()).expect("results");
+        assert_eq!(back.latency.corrected.count(), 1);
     }
 }

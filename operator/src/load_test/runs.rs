@@ -17,12 +17,15 @@
 //!   next report.
 //!
 //! State lives in memory on purpose: after a restart or a leader change the next round
-//! of reports (every runner reports every few seconds) rebuilds it.
+//! of reports (every runner reports every few seconds) rebuilds it, the start included
+//! (running runners say when they started). A replica that loses the lease drops its
+//! board at once ([`Runs::set_leading`]) and answers every runner "not here", so no
+//! runner is steered by a replica that no longer writes.
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::watch;
@@ -37,8 +40,8 @@ use super::token::TokenKey;
 /// How far ahead of the last registration the start is set: enough for every waiting
 /// runner's poll to return and its timer to be armed.
 pub const START_LEAD: Duration = Duration::from_secs(2);
-/// A run nobody has reported on or reconciled for this long is dropped (its test was
-/// deleted, or another replica leads now).
+/// A run nobody has reported on or reconciled for this long is dropped. An ended run is
+/// kept that long too, so that runners still reporting hear the abort, not "not here".
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 /// A test, by namespace and name.
@@ -127,7 +130,8 @@ struct Slot {
     started_at: Option<u64>,
     active: u64,
     target: u64,
-    results: Results,
+    /// Shared, so that a snapshot merges outside the lock the reports need.
+    results: Arc<Results>,
     /// This runner's share of the hold.
     ceiling: Option<u64>,
 }
@@ -144,6 +148,8 @@ struct RunState {
     rate: Option<(Instant, u64)>,
     rps: f64,
     touched: Instant,
+    /// The test has ended: the reconciler no longer tracks it.
+    ended: bool,
 }
 
 #[derive(Debug)]
@@ -160,15 +166,37 @@ struct GuardLoop {
 #[derive(Debug, Clone)]
 pub struct Runs {
     key: TokenKey,
-    inner: Arc<Mutex<HashMap<TestKey, RunState>>>,
+    inner: Arc<Mutex<Board>>,
+}
+
+#[derive(Debug)]
+struct Board {
+    /// Whether this replica leads: only then does it track tests and take reports.
+    leading: bool,
+    runs: HashMap<TestKey, RunState>,
 }
 
 impl Runs {
-    /// Tracks nothing yet; tokens are checked with `key`.
+    /// Tracks nothing yet; tokens are checked with `key`. It leads until told otherwise
+    /// ([`Self::set_leading`]), as a single replica does.
     pub fn new(key: TokenKey) -> Self {
         Self {
             key,
-            inner: Arc::default(),
+            inner: Arc::new(Mutex::new(Board {
+                leading: true,
+                runs: HashMap::new(),
+            })),
+        }
+    }
+
+    /// Follows this replica's leadership: on losing it, everything tracked is dropped
+    /// and every report is refused until the replica leads again (the new leader
+    /// rebuilds the board from the runners' next reports).
+    pub fn set_leading(&self, leading: bool) {
+        let mut board = self.lock();
+        board.leading = leading;
+        if !leading {
+            board.runs.clear();
         }
     }
 
@@ -177,7 +205,7 @@ impl Runs {
         self.key.token(uid)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<TestKey, RunState>> {
+    fn lock(&self) -> MutexGuard<'_, Board> {
         // A panic while holding the lock leaves plain data behind: keep using it.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -185,10 +213,15 @@ impl Runs {
     /// Starts tracking `test` (the reconciler calls this on every pass; a new UID, a
     /// test deleted and made again, starts over).
     pub fn track(&self, test: &TestKey, plan: Plan) {
-        let mut runs = self.lock();
+        let mut board = self.lock();
+        if !board.leading {
+            return;
+        }
         let now = Instant::now();
-        runs.retain(|_, r| now.duration_since(r.touched) < FORGET_AFTER);
-        match runs.get_mut(test) {
+        board
+            .runs
+            .retain(|_, r| now.duration_since(r.touched) < FORGET_AFTER);
+        match board.runs.get_mut(test) {
             Some(run) if run.uid == plan.uid => run.touched = now,
             _ => {
                 let guard = plan.guard.map(|(guard, span)| GuardLoop {
@@ -199,7 +232,7 @@ impl Runs {
                     reason: None,
                     events: Vec::new(),
                 });
-                runs.insert(
+                board.runs.insert(
                     test.clone(),
                     RunState {
                         uid: plan.uid,
@@ -212,22 +245,55 @@ impl Runs {
                         rate: None,
                         rps: 0.0,
                         touched: now,
+                        ended: false,
                     },
                 );
             }
         }
     }
 
-    /// Stops tracking `test`.
-    pub fn forget(&self, test: &TestKey) {
-        self.lock().remove(test);
+    /// The test has ended: its verdict stays, for the runners that have yet to hear
+    /// it, until [`FORGET_AFTER`] without reports.
+    pub fn end(&self, test: &TestKey) {
+        if let Some(run) = self.lock().runs.get_mut(test) {
+            run.ended = true;
+        }
+    }
+
+    /// Drops the runs of tests that `exists` no longer finds (by key and UID: deleted,
+    /// or deleted and made again) and of those forgotten for [`FORGET_AFTER`]; returns
+    /// the tests dropped.
+    pub fn sweep(&self, exists: impl Fn(&TestKey, &str) -> bool) -> Vec<TestKey> {
+        let mut board = self.lock();
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        board.runs.retain(|test, run| {
+            let keep = now.duration_since(run.touched) < FORGET_AFTER && exists(test, &run.uid);
+            if !keep {
+                gone.push(test.clone());
+            }
+            keep
+        });
+        gone
     }
 
     /// The target pods' CPU utilization, for the guard.
     pub fn set_cpu(&self, test: &TestKey, cpu: Option<f64>) {
-        if let Some(run) = self.lock().get_mut(test) {
+        if let Some(run) = self.lock().runs.get_mut(test) {
             run.cpu = cpu;
         }
+    }
+
+    /// Checks a runner's credentials and index before its report is read: a stranger
+    /// cannot make this replica parse (and hold) megabytes.
+    pub fn admit(&self, test: &TestKey, index: u32, token: &str) -> Result<(), ReportError> {
+        let board = self.lock();
+        let run = board
+            .runs
+            .get(test)
+            .filter(|_| board.leading)
+            .ok_or_else(|| ReportError::Unknown(name(test)))?;
+        run.admit(&self.key, test, index, token)
     }
 
     /// Takes runner `index`'s report.
@@ -238,21 +304,14 @@ impl Runs {
         token: &str,
         report: RunnerReport,
     ) -> Result<Answer, ReportError> {
-        let name = || format!("{}/{}", test.0, test.1);
-        let mut runs = self.lock();
-        let run = runs
+        let mut board = self.lock();
+        let leading = board.leading;
+        let run = board
+            .runs
             .get_mut(test)
-            .ok_or_else(|| ReportError::Unknown(name()))?;
-        if !self.key.verify(&run.uid, token) {
-            return Err(ReportError::Token(name()));
-        }
-        if index >= run.expected {
-            return Err(ReportError::Index {
-                test: name(),
-                index,
-                runners: run.expected,
-            });
-        }
+            .filter(|_| leading)
+            .ok_or_else(|| ReportError::Unknown(name(test)))?;
+        run.admit(&self.key, test, index, token)?;
         let now = Instant::now();
         run.touched = now;
         let slot = run.slots.entry(index).or_insert_with(|| Slot {
@@ -261,7 +320,7 @@ impl Runs {
             started_at: None,
             active: 0,
             target: 0,
-            results: Results::default(),
+            results: Arc::default(),
             ceiling: None,
         });
         let waiting = report.stage == RunnerStage::Waiting;
@@ -272,15 +331,27 @@ impl Runs {
             slot.active = report.active_users;
             slot.target = report.target_users;
             if let Some(results) = report.results {
-                slot.results = results;
+                slot.results = Arc::new(results);
             }
         }
-        if run.start_at.is_none() && run.slots.len() == run.expected as usize {
-            let at = SystemTime::now() + START_LEAD;
-            run.start_at = Some(at);
-            run.start.send_replace(Some(unix_micros(at)));
+        if run.start_at.is_none() {
+            // A runner that has started says when: this replica restarted or took over
+            // a running test, and keeps the start the runners were given.
+            let started = run.slots.values().filter_map(|s| s.started_at).min();
+            let at = match started {
+                Some(micros) => Some(UNIX_EPOCH + Duration::from_micros(micros)),
+                None if run.slots.len() == run.expected as usize => {
+                    Some(SystemTime::now() + START_LEAD)
+                }
+                None => None,
+            };
+            if let Some(at) = at {
+                run.start_at = Some(at);
+                run.start.send_replace(Some(unix_micros(at)));
+            }
         }
-        if run.start_at.is_some() {
+        // An ended test's verdict is final.
+        if run.start_at.is_some() && !run.ended {
             run.sample(now);
         }
         if waiting && run.start_at.is_none() {
@@ -292,6 +363,7 @@ impl Runs {
     /// What runner `index` is told now.
     pub fn directive(&self, test: &TestKey, index: u32) -> Directive {
         self.lock()
+            .runs
             .get(test)
             .map(|run| run.directive(index))
             .unwrap_or_default()
@@ -300,27 +372,33 @@ impl Runs {
     /// Whether the test's runners have been given their start (no merge, unlike
     /// [`Self::snapshot`]).
     pub fn started(&self, test: &TestKey) -> bool {
-        self.lock().get(test).is_some_and(|r| r.start_at.is_some())
+        self.lock()
+            .runs
+            .get(test)
+            .is_some_and(|r| r.start_at.is_some())
     }
 
     /// The test's progress, or `None` when this replica tracks it not.
     pub fn snapshot(&self, test: &TestKey) -> Option<RunSnapshot> {
-        let mut runs = self.lock();
-        let run = runs.get_mut(test)?;
+        let mut board = self.lock();
+        let run = board.runs.get_mut(test)?;
         let mut snapshot = RunSnapshot {
             expected: run.expected,
             start_at: run.start_at,
             ..RunSnapshot::default()
         };
+        let mut total: u64 = 0;
+        let mut reported = Vec::with_capacity(run.slots.len());
         for slot in run.slots.values() {
             match slot.stage {
                 RunnerStage::Waiting => snapshot.waiting += 1,
                 RunnerStage::Running => snapshot.running += 1,
                 RunnerStage::Finished => snapshot.finished += 1,
             }
-            snapshot.active_users += slot.active;
-            snapshot.target_users += slot.target;
-            snapshot.results.merge(&slot.results);
+            snapshot.active_users = snapshot.active_users.saturating_add(slot.active);
+            snapshot.target_users = snapshot.target_users.saturating_add(slot.target);
+            total = total.saturating_add(slot.results.requests);
+            reported.push(Arc::clone(&slot.results));
         }
         let starts: Vec<u64> = run.slots.values().filter_map(|s| s.started_at).collect();
         if starts.len() == run.expected as usize
@@ -329,7 +407,6 @@ impl Runs {
             snapshot.start_skew = Some(Duration::from_micros(last - first));
         }
         let now = Instant::now();
-        let total = snapshot.results.requests;
         if let Some((at, before)) = run.rate {
             let seconds = now.duration_since(at).as_secs_f64();
             if seconds >= 1.0 {
@@ -345,11 +422,42 @@ impl Runs {
             snapshot.guard_reason = guard.reason.clone();
             snapshot.guard_events = guard.events.clone();
         }
+        // Merging dense histograms of many runners takes a while: reports go on
+        // meanwhile.
+        drop(board);
+        for results in reported {
+            snapshot.results.merge(&results);
+        }
         Some(snapshot)
     }
 }
 
+/// A test's name as messages give it.
+fn name((namespace, name): &TestKey) -> String {
+    format!("{namespace}/{name}")
+}
+
 impl RunState {
+    fn admit(
+        &self,
+        key: &TokenKey,
+        test: &TestKey,
+        index: u32,
+        token: &str,
+    ) -> Result<(), ReportError> {
+        if !key.verify(&self.uid, token) {
+            return Err(ReportError::Token(name(test)));
+        }
+        if index >= self.expected {
+            return Err(ReportError::Index {
+                test: name(test),
+                index,
+                runners: self.expected,
+            });
+        }
+        Ok(())
+    }
+
     fn directive(&self, index: u32) -> Directive {
         let mut directive = Directive {
             start_at_unix_micros: self.start_at.map(unix_micros),
@@ -384,9 +492,9 @@ impl RunState {
         let (mut requests, mut failures, mut active) = (0, 0, 0);
         for slot in self.slots.values() {
             latency.merge(&slot.results.latency.corrected);
-            requests += slot.results.requests;
-            failures += slot.results.failures.total();
-            active += slot.active;
+            requests = slot.results.requests.saturating_add(requests);
+            failures = slot.results.failures.total().saturating_add(failures);
+            active = slot.active.saturating_add(active);
         }
         let mut stats = guard.window.push(Sample {
             at: now,
@@ -524,6 +632,74 @@ mod tests {
         ));
     }
 
+    fn plan(runners: u32) -> Plan {
+        Plan {
+            uid: "uid-1".into(),
+            runners,
+            guard: None,
+        }
+    }
+
+    #[test]
+    fn a_replica_that_stops_leading_forgets_every_run_and_refuses_reports() {
+        let (runs, test, token) = runs();
+        runs.track(&test, plan(1));
+        runs.admit(&test, 0, &token).expect("admitted");
+        runs.set_leading(false);
+        assert!(matches!(
+            runs.admit(&test, 0, &token),
+            Err(ReportError::Unknown(_))
+        ));
+        // A reconcile that began while it led tracks nothing now.
+        runs.track(&test, plan(1));
+        assert!(matches!(
+            runs.report(&test, 0, &token, report(1, RunnerStage::Waiting, None)),
+            Err(ReportError::Unknown(_))
+        ));
+        assert!(runs.snapshot(&test).is_none());
+        runs.set_leading(true);
+        runs.track(&test, plan(1));
+        runs.admit(&test, 0, &token).expect("admitted again");
+    }
+
+    #[test]
+    fn a_new_leader_keeps_the_start_the_running_runners_were_given() {
+        let (runs, test, token) = runs();
+        runs.track(&test, plan(2));
+        let started = unix_micros(SystemTime::now()) - 60_000_000;
+        let mut running = report(7, RunnerStage::Running, Some(results(10, 0, 1)));
+        running.started_at_unix_micros = Some(started + 150);
+        runs.report(&test, 1, &token, running.clone())
+            .expect("taken");
+        running.started_at_unix_micros = Some(started);
+        // The other runner has not reported again yet; the start is known anyway.
+        let answer = runs.report(&test, 0, &token, running).expect("taken");
+        let Answer::Now(directive) = answer else {
+            panic!("{answer:?}");
+        };
+        assert_eq!(directive.start_at_unix_micros, Some(started + 150));
+        let snapshot = runs.snapshot(&test).expect("tracked");
+        assert_eq!(snapshot.start_skew, Some(Duration::from_micros(150)));
+        assert_eq!(snapshot.results.requests, 20);
+    }
+
+    #[test]
+    fn an_ended_run_still_answers_and_deleted_tests_are_swept() {
+        let (runs, test, token) = runs();
+        runs.track(&test, plan(1));
+        runs.report(&test, 0, &token, report(1, RunnerStage::Waiting, None))
+            .expect("registered");
+        runs.end(&test);
+        let answer = runs
+            .report(&test, 0, &token, report(2, RunnerStage::Finished, None))
+            .expect("an ended test still hears its runners");
+        assert!(matches!(answer, Answer::Now(_)));
+        assert!(runs.sweep(|_, uid| uid == "uid-1").is_empty());
+        // Deleted and made again under the same name: a new UID.
+        assert_eq!(runs.sweep(|_, uid| uid == "uid-2"), vec![test.clone()]);
+        assert!(runs.snapshot(&test).is_none());
+    }
+
     #[test]
     fn results_merge_the_newest_report_of_each_runner() {
         let (runs, test, token) = runs();
@@ -583,6 +759,7 @@ mod tests {
         // One sample a tick: the registration took the first; let the next be taken.
         let next_tick = || {
             runs.lock()
+                .runs
                 .get_mut(&test)
                 .expect("run")
                 .guard
@@ -624,5 +801,21 @@ mod tests {
                 "{abort:?}"
             );
         }
+        // The reconciler ends the test; a runner that reports later still hears the
+        // abort (not "unknown test"), and nothing it says changes the verdict.
+        runs.end(&test);
+        next_tick();
+        let late = runs
+            .report(
+                &test,
+                0,
+                &token,
+                report(3, RunnerStage::Running, Some(results(1000, 0, 5))),
+            )
+            .expect("taken");
+        let Answer::Now(directive) = late else {
+            panic!("{late:?}");
+        };
+        assert!(directive.abort.is_some(), "{directive:?}");
     }
 }
