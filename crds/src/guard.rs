@@ -21,7 +21,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    load_test::{Guards, LoadLimits},
+    load_test::{Guards, LoadLimits, MAX_GUARD_WINDOW},
     results::LatencyHistogram,
 };
 
@@ -327,12 +327,19 @@ pub struct Window {
 }
 
 impl Window {
-    /// An empty window `span` long.
+    /// An empty window `span` long, but at most [`MAX_GUARD_WINDOW`]: admission refuses
+    /// longer windows, and a test admitted before that rule existed is judged over the
+    /// longest allowed window rather than holding a histogram per second of, say, a day.
     pub fn new(span: Duration) -> Self {
         Self {
-            span,
+            span: span.min(MAX_GUARD_WINDOW.get()),
             samples: VecDeque::new(),
         }
+    }
+
+    /// The span the window covers (the requested one, capped at [`MAX_GUARD_WINDOW`]).
+    pub fn span(&self) -> Duration {
+        self.span
     }
 
     /// How often to sample a window of `span`: ten samples a window, at most one a
@@ -492,6 +499,31 @@ mod tests {
         assert!(
             matches!(decision, Some(Decision::Hold { ceiling: 1, .. })),
             "{decision:?}"
+        );
+    }
+
+    #[test]
+    fn a_window_longer_than_the_maximum_keeps_only_the_maximum_of_samples() {
+        let start = Instant::now();
+        let mut w = Window::new(Duration::from_secs(24 * 3600));
+        assert_eq!(w.span(), MAX_GUARD_WINDOW.get());
+        let tick = Window::tick(w.span());
+        let ticks = 2 * MAX_GUARD_WINDOW.get().as_secs() / tick.as_secs().max(1);
+        for i in 0..ticks {
+            w.push(Sample {
+                at: start + tick * u32::try_from(i).expect("few ticks"),
+                requests: i,
+                failures: 0,
+                latency: LatencyHistogram::default(),
+            });
+        }
+        // One sample a tick across the span, plus the baseline a span old.
+        let most =
+            usize::try_from(MAX_GUARD_WINDOW.get().as_secs() / tick.as_secs()).expect("small") + 2;
+        assert!(
+            w.samples.len() <= most,
+            "{} samples, at most {most}",
+            w.samples.len()
         );
     }
 

@@ -8,17 +8,54 @@ use k8s_openapi::{
     api::core::v1::ResourceRequirements,
     apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time},
 };
-use kube::{CustomResource, KubeSchema};
+use kube::{CustomResource, KubeSchema, core::Rule};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     balancer_policy::{MetricsSource, PrometheusSource},
-    duration::Duration,
+    duration::{self, Duration},
     schema::{
         any_json_object_schema, conditions_schema, resources_schema, selector_schema, time_schema,
     },
 };
+
+/// The most states a scenario may declare. Each state costs every runner's results two
+/// dense latency histograms (~140 KB each in memory), so the operator's memory grows with
+/// states × runners; [`crate::results::Results::check_limits`] holds reports to the same
+/// bound.
+pub const MAX_STATES: usize = 64;
+/// The most transitions (`states[].next`) a state may declare; a state's results count
+/// transitions by target, so they have at most this many entries too.
+pub const MAX_TRANSITIONS_PER_STATE: usize = 16;
+/// The most invariants a test may declare.
+pub const MAX_INVARIANTS: usize = 32;
+/// The longest state or invariant name, in characters (what the API server's
+/// `maxLength` counts): 63, as for a DNS label; names are keys in every report and in
+/// the status.
+pub const MAX_NAME_CHARS: usize = 63;
+/// The longest `guards.window`. The guard keeps one sample per [`crate::guard::Window::tick`]
+/// (one a second for windows of 10 s and more) across the window, and each sample holds
+/// a dense latency histogram of ~140 KB, so a 5-minute window costs ~42 MB per guarded
+/// test, in the operator and in every runner that judges locally; an hour would cost
+/// ~500 MB.
+pub const MAX_GUARD_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+/// The admission rule on `guards.window`: at most [`MAX_GUARD_WINDOW`]. A rule on the
+/// field itself, so the API server names `spec.guards.window` in its refusal. A
+/// malformed duration is left to the duration's own pattern rule (one error, not two).
+fn guard_window_rule() -> Rule {
+    Rule::new(format!(
+        "!self.matches('{}') || duration(self) <= duration('{MAX_GUARD_WINDOW}')",
+        duration::PATTERN
+    ))
+    .message(
+        format!(
+            "guards.window must be at most {MAX_GUARD_WINDOW}: the guard keeps a latency histogram per second of its window"
+        )
+        .as_str(),
+    )
+}
 
 /// A load test: who the bots are, what they do, how many, and when to stop.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -57,7 +94,7 @@ pub struct LoadTestSpec {
     pub scenario: Scenario,
     /// Business rules checked against the target while the test runs and at its end.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = MAX_INVARIANTS))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub invariants: Vec<Invariant>,
     /// When to hold the load and when to abort.
@@ -149,7 +186,7 @@ impl Default for Runners {
 ).message("every states[].next[].state must name one of scenario.states"))]
 pub struct Scenario {
     /// The state each session starts in.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = MAX_NAME_CHARS))]
     pub start: String,
     /// Default think time between a response and the user's next request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -158,7 +195,7 @@ pub struct Scenario {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     /// The states. A state without `next` ends the session.
-    #[schemars(length(min = 1, max = 64))]
+    #[schemars(length(min = 1, max = MAX_STATES))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub states: Vec<State>,
 }
@@ -168,7 +205,7 @@ pub struct Scenario {
 #[serde(rename_all = "camelCase")]
 pub struct State {
     /// The state's name, unique in the scenario.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = MAX_NAME_CHARS))]
     #[schemars(regex(pattern = "^[A-Za-z_][A-Za-z0-9_-]*$"))]
     pub name: String,
     /// The request this state sends; a state without one only thinks and moves on.
@@ -185,7 +222,7 @@ pub struct State {
     pub checks: Vec<String>,
     /// Weighted transitions (a Markov chain). None: the session ends here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 16))]
+    #[schemars(length(min = 1, max = MAX_TRANSITIONS_PER_STATE))]
     pub next: Option<Vec<Transition>>,
     /// Think time after this state, instead of the scenario's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,7 +277,7 @@ pub enum Method {
 #[serde(rename_all = "camelCase")]
 pub struct Transition {
     /// The next state's name.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = MAX_NAME_CHARS))]
     pub state: String,
     /// Relative probability among this state's transitions.
     #[serde(default = "defaults::transition_weight")]
@@ -293,7 +330,7 @@ pub enum Distribution {
 #[serde(rename_all = "camelCase")]
 pub struct Invariant {
     /// A name unique in the test; violations are reported under it.
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = MAX_NAME_CHARS))]
     pub name: String,
     /// The request that reads the state to check.
     pub request: Request,
@@ -321,8 +358,10 @@ pub struct Guards {
     /// Above any of these, the test aborts: every runner stops sending within seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub critical_load: Option<LoadLimits>,
-    /// The window over which CPU, error rate and p99 are measured.
+    /// The window over which CPU, error rate and p99 are measured; at most 5m, because
+    /// the guard keeps a latency histogram for every second of it.
     #[serde(default = "defaults::guard_window")]
+    #[x_kube(validation = guard_window_rule())]
     pub window: Duration,
     /// Where the target pods' CPU comes from for `cpu` limits: `metricsServer`
     /// (metrics.k8s.io) or `prometheus`; utilization is usage ÷ the pods' CPU requests,
@@ -539,5 +578,84 @@ pub(crate) mod defaults {
     }
     pub fn guard_window() -> Duration {
         Duration::from_secs(30)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    /// The schema of `spec.<path>` in the generated CRD.
+    fn spec_schema(path: &[&str]) -> serde_json::Value {
+        let crd = serde_json::to_value(LoadTest::crd()).expect("the CRD serializes");
+        let mut schema =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        for field in path {
+            schema = &schema["properties"][field];
+        }
+        schema.clone()
+    }
+
+    #[test]
+    fn guards_window_is_limited_to_the_maximum_by_a_rule_on_the_field() {
+        let window = spec_schema(&["guards", "window"]);
+        let rules = window["x-kubernetes-validations"]
+            .as_array()
+            .expect("window has rules");
+        let rule = rules
+            .iter()
+            .find(|r| {
+                r["rule"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("duration(self)"))
+            })
+            .expect("a rule bounds the window");
+        assert_eq!(MAX_GUARD_WINDOW.to_string(), "5m");
+        assert_eq!(
+            rule["rule"],
+            format!(
+                "!self.matches('{}') || duration(self) <= duration('5m')",
+                duration::PATTERN
+            )
+        );
+        assert!(
+            rule["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("guards.window must be at most 5m")),
+            "{rule}"
+        );
+        // A rule on the field itself, without a fieldPath: the API server reports it at
+        // `spec.guards.window`.
+        assert!(rule.get("fieldPath").is_none(), "{rule}");
+        // `kubectl explain` states the same maximum.
+        assert!(
+            window["description"]
+                .as_str()
+                .is_some_and(|d| d.contains(&format!("at most {MAX_GUARD_WINDOW},"))),
+            "{window}"
+        );
+        assert!(defaults::guard_window() <= MAX_GUARD_WINDOW);
+    }
+
+    #[test]
+    fn scenario_schema_limits_are_the_ones_results_are_checked_against() {
+        let states = spec_schema(&["scenario", "states"]);
+        assert_eq!(states["maxItems"], MAX_STATES);
+        assert_eq!(
+            states["items"]["properties"]["name"]["maxLength"],
+            MAX_NAME_CHARS
+        );
+        assert_eq!(
+            states["items"]["properties"]["next"]["maxItems"],
+            MAX_TRANSITIONS_PER_STATE
+        );
+        let invariants = spec_schema(&["invariants"]);
+        assert_eq!(invariants["maxItems"], MAX_INVARIANTS);
+        assert_eq!(
+            invariants["items"]["properties"]["name"]["maxLength"],
+            MAX_NAME_CHARS
+        );
     }
 }

@@ -4,14 +4,19 @@
 //! would have recorded — percentiles come from merged histograms, never from averaged
 //! percentiles.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, marker::PhantomData, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use hdrhistogram::{
     Histogram,
     serialization::{Deserializer as HdrDeserializer, Serializer as _, V2Serializer},
 };
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{
+    Deserialize, Deserializer, Serialize, Serializer,
+    de::{self, MapAccess, SeqAccess, Visitor},
+};
+
+use crate::load_test::{MAX_INVARIANTS, MAX_NAME_CHARS, MAX_STATES, MAX_TRANSITIONS_PER_STATE};
 
 /// Lowest latency tracked: 1 µs.
 pub const LOWEST_MICROS: u64 = 1;
@@ -21,6 +26,35 @@ pub const HIGHEST_MICROS: u64 = 60_000_000;
 pub const SIGNIFICANT_DIGITS: u8 = 3;
 /// How many failure examples (and invariant violations) a result keeps.
 pub const KEEP_EXAMPLES: usize = 20;
+/// The longest string in a failure example (`state`, `request`, `detail`, `response`),
+/// in bytes: room for a rendered request line of a 4 KiB path template and a check's
+/// source with its error, while [`Results::check_limits`] keeps a report's examples
+/// from carrying megabytes.
+pub const MAX_EXAMPLE_TEXT_BYTES: usize = 8 << 10;
+
+/// The HdrHistogram V2 cookie as hdrhistogram writes it: the V2 base `0x1c849303` with
+/// the word-size bits `0x10` (`serialization/mod.rs` of hdrhistogram 7.6).
+const V2_COOKIE: u32 = 0x1c84_9313;
+/// The cookie of V2 wrapped in zlib (`V2DeflateSerializer`), which hdrhistogram's
+/// deserializer also accepts. Refused: inflating is unbounded work for a few bytes sent,
+/// and [`LatencyHistogram`] never writes it.
+const V2_COMPRESSED_COOKIE: u32 = 0x1c84_9314;
+/// The V2 header: cookie, payload length, normalizing index offset and significant
+/// digits (u32 each), lowest and highest value (u64 each), integer-to-double ratio (f64),
+/// all big-endian.
+const V2_HEADER_BYTES: usize = 40;
+/// Counters of a histogram with the constant bounds: 2048 sub-buckets for 3 digits,
+/// 16 buckets to reach 60 s from 1 µs, so (16 + 1) × 1024 (hdrhistogram's counts length;
+/// a test checks it against the library).
+const HISTOGRAM_COUNTS: usize = 17 * 1024;
+/// The longest V2 payload of such a histogram: every counter a 9-byte varint, the most
+/// LEB128-64b9B takes (hdrhistogram's `counts_array_max_encoded_size`).
+const MAX_HISTOGRAM_PAYLOAD_BYTES: usize = HISTOGRAM_COUNTS * 9;
+/// The longest base64 text of a [`LatencyHistogram`]: a dense 1 µs–60 s, 3-digit
+/// histogram at the most bytes per counter (~204 KiB). Longer text is refused before it
+/// is decoded.
+pub const MAX_HISTOGRAM_BASE64_LEN: usize =
+    (V2_HEADER_BYTES + MAX_HISTOGRAM_PAYLOAD_BYTES).div_ceil(3) * 4;
 
 /// A latency histogram in microseconds, serialized as base64 of the HdrHistogram V2
 /// format (the same bytes every HdrHistogram implementation reads).
@@ -98,17 +132,167 @@ impl Serialize for LatencyHistogram {
 
 impl<'de> Deserialize<'de> for LatencyHistogram {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        let bytes = STANDARD
-            .decode(text.as_bytes())
-            .map_err(|e| serde::de::Error::custom(format!("histogram: not base64: {e}")))?;
-        let histogram: Histogram<u64> = HdrDeserializer::new()
-            .deserialize(&mut bytes.as_slice())
-            .map_err(|e| {
-            serde::de::Error::custom(format!("histogram: not HdrHistogram V2: {e:?}"))
-        })?;
-        Ok(Self(histogram))
+        /// Reads the text in place (no copy of a string that may be refused for its
+        /// length).
+        struct V2Base64;
+
+        impl Visitor<'_> for V2Base64 {
+            type Value = LatencyHistogram;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("base64 of an HdrHistogram V2 histogram")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+                decode_v2_base64(text)
+                    .map(LatencyHistogram)
+                    .map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(V2Base64)
     }
+}
+
+/// Why a histogram's text was refused. Runners send these, so each check comes before
+/// the work or memory it guards: the text's length before decoding, the header before
+/// hdrhistogram allocates from it, the payload before hdrhistogram walks it.
+#[derive(Debug, thiserror::Error, PartialEq)]
+enum HistogramError {
+    #[error("histogram: {len} characters of base64, at most {max} (a dense histogram)", max = MAX_HISTOGRAM_BASE64_LEN)]
+    TooLong { len: usize },
+    #[error("histogram: not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error(
+        "histogram: {len} bytes, shorter than the {V2_HEADER_BYTES}-byte HdrHistogram V2 header"
+    )]
+    Truncated { len: usize },
+    #[error(
+        "histogram: compressed HdrHistogram V2 (cookie {V2_COMPRESSED_COOKIE:#010x}) is not accepted; send uncompressed V2 (cookie {V2_COOKIE:#010x})"
+    )]
+    Compressed,
+    #[error("histogram: cookie {0:#010x} is not HdrHistogram V2 ({V2_COOKIE:#010x})")]
+    Cookie(u32),
+    #[error("histogram: {field} is {found}, expected {expected}")]
+    Bounds {
+        field: &'static str,
+        found: u64,
+        expected: u64,
+    },
+    #[error("histogram: the header declares {declared} payload bytes, but {present} follow it")]
+    PayloadLength { declared: u32, present: usize },
+    #[error("histogram: payload byte {at}: {what}")]
+    Payload { at: usize, what: &'static str },
+    #[error("histogram: not HdrHistogram V2: {0}")]
+    Decode(String),
+}
+
+/// Decodes base64 of HdrHistogram V2 with exactly our bounds, refusing before
+/// allocating what the text only claims (a 4 GiB payload, 5 digits over a huge range).
+fn decode_v2_base64(text: &str) -> Result<Histogram<u64>, HistogramError> {
+    if text.len() > MAX_HISTOGRAM_BASE64_LEN {
+        return Err(HistogramError::TooLong { len: text.len() });
+    }
+    let bytes = STANDARD.decode(text)?;
+    let payload = check_v2_header(&bytes)?;
+    check_v2_payload(payload)?;
+    HdrDeserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| HistogramError::Decode(e.to_string()))
+}
+
+/// Checks the V2 header against our constants and the bytes present; returns the
+/// payload.
+fn check_v2_header(bytes: &[u8]) -> Result<&[u8], HistogramError> {
+    let Some((header, payload)) = bytes.split_first_chunk::<V2_HEADER_BYTES>() else {
+        return Err(HistogramError::Truncated { len: bytes.len() });
+    };
+    // The header's fields at their V2 offsets; the ranges are within the 40-byte array.
+    let u32_at = |at: usize| {
+        u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    let u64_at = |at: usize| (u64::from(u32_at(at)) << 32) | u64::from(u32_at(at + 4));
+    match u32_at(0) {
+        V2_COOKIE => {}
+        V2_COMPRESSED_COOKIE => return Err(HistogramError::Compressed),
+        other => return Err(HistogramError::Cookie(other)),
+    }
+    for (field, found, expected) in [
+        (
+            "significant digits",
+            u64::from(u32_at(12)),
+            u64::from(SIGNIFICANT_DIGITS),
+        ),
+        ("lowest discernible value", u64_at(16), LOWEST_MICROS),
+        ("highest trackable value", u64_at(24), HIGHEST_MICROS),
+    ] {
+        if found != expected {
+            return Err(HistogramError::Bounds {
+                field,
+                found,
+                expected,
+            });
+        }
+    }
+    let declared = u32_at(4);
+    if usize::try_from(declared).ok() != Some(payload.len()) {
+        return Err(HistogramError::PayloadLength {
+            declared,
+            present: payload.len(),
+        });
+    }
+    Ok(payload)
+}
+
+/// Walks the payload's counts (zigzag LEB128-64b9B: a count, or a negative run of
+/// zeros) as hdrhistogram will, and refuses what it would mishandle: a zero run of
+/// `i64::MIN`, whose negation in hdrhistogram 7.6 overflows (a panic in debug builds),
+/// and counts past the histogram's last counter.
+fn check_v2_payload(payload: &[u8]) -> Result<(), HistogramError> {
+    let mut at = 0;
+    let mut index: usize = 0;
+    while at < payload.len() {
+        let start = at;
+        let mut value: u64 = 0;
+        for i in 0..9 {
+            let Some(&byte) = payload.get(at) else {
+                return Err(HistogramError::Payload {
+                    at: start,
+                    what: "the last varint is cut short",
+                });
+            };
+            at += 1;
+            if i == 8 {
+                // The ninth byte carries 8 bits, not 7 (LEB128-64b9B).
+                value |= u64::from(byte) << 56;
+                break;
+            }
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let decoded = ((value >> 1) as i64) ^ -((value & 1) as i64);
+        let step = if decoded < 0 {
+            decoded
+                .checked_neg()
+                .and_then(|zeros| usize::try_from(zeros).ok())
+                .ok_or(HistogramError::Payload {
+                    at: start,
+                    what: "a run of zeros too long to count",
+                })?
+        } else {
+            1
+        };
+        index = index
+            .checked_add(step)
+            .filter(|&i| i <= HISTOGRAM_COUNTS)
+            .ok_or(HistogramError::Payload {
+                at: start,
+                what: "counts run past the histogram's last counter",
+            })?;
+    }
+    Ok(())
 }
 
 /// A latency as people read it: `830µs`, `1.25ms`, `2.10s` (what the histograms'
@@ -188,29 +372,39 @@ pub struct FailureCounts {
 impl FailureCounts {
     /// Counts one failure.
     pub fn add(&mut self, kind: FailureKind) {
-        *match kind {
+        let counter = match kind {
             FailureKind::Connect => &mut self.connect,
             FailureKind::Timeout => &mut self.timeout,
             FailureKind::Status => &mut self.status,
             FailureKind::Check => &mut self.check,
             FailureKind::Render => &mut self.render,
             FailureKind::Transport => &mut self.transport,
-        } += 1;
+        };
+        *counter = counter.saturating_add(1);
     }
 
-    /// All failures.
+    /// All failures (saturating: the counts come from runners' reports).
     pub fn total(&self) -> u64 {
-        self.connect + self.timeout + self.status + self.check + self.render + self.transport
+        [
+            self.connect,
+            self.timeout,
+            self.status,
+            self.check,
+            self.render,
+            self.transport,
+        ]
+        .into_iter()
+        .fold(0, u64::saturating_add)
     }
 
-    /// Adds another's counts.
+    /// Adds another's counts, saturating (a report may carry any number).
     pub fn merge(&mut self, other: &Self) {
-        self.connect += other.connect;
-        self.timeout += other.timeout;
-        self.status += other.status;
-        self.check += other.check;
-        self.render += other.render;
-        self.transport += other.transport;
+        add(&mut self.connect, other.connect);
+        add(&mut self.timeout, other.timeout);
+        add(&mut self.status, other.status);
+        add(&mut self.check, other.check);
+        add(&mut self.render, other.render);
+        add(&mut self.transport, other.transport);
     }
 }
 
@@ -227,20 +421,21 @@ pub struct StateResults {
     /// Checks that did not.
     pub checks_failed: u64,
     /// Transitions taken out of this state, by target state name.
+    #[serde(deserialize_with = "bounded_transitions")]
     pub transitions: BTreeMap<String, u64>,
     /// Latency of this state's requests.
     pub latency: Latency,
 }
 
 impl StateResults {
-    /// Adds another's counts.
+    /// Adds another's counts, saturating.
     pub fn merge(&mut self, other: &Self) {
-        self.requests += other.requests;
+        add(&mut self.requests, other.requests);
         self.failures.merge(&other.failures);
-        self.checks_passed += other.checks_passed;
-        self.checks_failed += other.checks_failed;
+        add(&mut self.checks_passed, other.checks_passed);
+        add(&mut self.checks_failed, other.checks_failed);
         for (to, n) in &other.transitions {
-            *self.transitions.entry(to.clone()).or_default() += n;
+            add(self.transitions.entry(to.clone()).or_default(), *n);
         }
         self.latency.merge(&other.latency);
     }
@@ -266,6 +461,30 @@ pub struct FailureExample {
     pub response: String,
 }
 
+impl FailureExample {
+    /// The example with each text cut to [`MAX_EXAMPLE_TEXT_BYTES`] (at a character
+    /// boundary, marked with `…`), so that a long rendered path or error cannot get a
+    /// whole report refused by [`Results::check_limits`].
+    pub fn shortened(mut self) -> Self {
+        for text in [
+            &mut self.state,
+            &mut self.request,
+            &mut self.detail,
+            &mut self.response,
+        ] {
+            if text.len() > MAX_EXAMPLE_TEXT_BYTES {
+                let mut end = MAX_EXAMPLE_TEXT_BYTES - '…'.len_utf8();
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push('…');
+            }
+        }
+        self
+    }
+}
+
 /// One invariant's record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -275,14 +494,15 @@ pub struct InvariantResults {
     /// Times the expectation was false (or the request failed).
     pub violations: u64,
     /// The first few offending responses.
+    #[serde(deserialize_with = "bounded_invariant_examples")]
     pub examples: Vec<FailureExample>,
 }
 
 impl InvariantResults {
-    /// Adds another's counts and keeps the first examples.
+    /// Adds another's counts, saturating, and keeps the first examples.
     pub fn merge(&mut self, other: &Self) {
-        self.checks += other.checks;
-        self.violations += other.violations;
+        add(&mut self.checks, other.checks);
+        add(&mut self.violations, other.violations);
         keep_first(&mut self.examples, &other.examples);
     }
 }
@@ -308,24 +528,28 @@ pub struct Results {
     /// All requests' latency.
     pub latency: Latency,
     /// Per state, by name.
+    #[serde(deserialize_with = "bounded_states")]
     pub states: BTreeMap<String, StateResults>,
     /// Per invariant, by name.
+    #[serde(deserialize_with = "bounded_invariants")]
     pub invariants: BTreeMap<String, InvariantResults>,
     /// The first few failed requests.
+    #[serde(deserialize_with = "bounded_failure_examples")]
     pub failure_examples: Vec<FailureExample>,
 }
 
 impl Results {
-    /// Adds `other` into `self`: counters add, histograms add bucket by bucket, and
-    /// the examples keep the first [`KEEP_EXAMPLES`].
+    /// Adds `other` into `self`: counters add (saturating: a report may carry any
+    /// number), histograms add bucket by bucket, and the examples keep the first
+    /// [`KEEP_EXAMPLES`].
     pub fn merge(&mut self, other: &Self) {
-        self.requests += other.requests;
+        add(&mut self.requests, other.requests);
         self.failures.merge(&other.failures);
-        self.checks_passed += other.checks_passed;
-        self.checks_failed += other.checks_failed;
-        self.sessions_started += other.sessions_started;
-        self.sessions_completed += other.sessions_completed;
-        self.dropped_arrivals += other.dropped_arrivals;
+        add(&mut self.checks_passed, other.checks_passed);
+        add(&mut self.checks_failed, other.checks_failed);
+        add(&mut self.sessions_started, other.sessions_started);
+        add(&mut self.sessions_completed, other.sessions_completed);
+        add(&mut self.dropped_arrivals, other.dropped_arrivals);
         self.latency.merge(&other.latency);
         for (name, state) in &other.states {
             self.states.entry(name.clone()).or_default().merge(state);
@@ -369,15 +593,283 @@ impl Results {
         out
     }
 
-    /// Invariant violations over all invariants.
+    /// Invariant violations over all invariants (saturating).
     pub fn violations(&self) -> u64 {
-        self.invariants.values().map(|i| i.violations).sum()
+        self.invariants
+            .values()
+            .map(|i| i.violations)
+            .fold(0, u64::saturating_add)
     }
+
+    /// Checks the sizes a runner's report may reach, which every valid scenario's
+    /// results are within: at most [`MAX_STATES`] states with at most
+    /// [`MAX_TRANSITIONS_PER_STATE`] transitions each, [`MAX_INVARIANTS`] invariants,
+    /// [`KEEP_EXAMPLES`] examples per list, names of at most [`MAX_NAME_CHARS`]
+    /// characters and example strings of at most [`MAX_EXAMPLE_TEXT_BYTES`] bytes.
+    ///
+    /// The operator keeps every runner's newest results, and each state holds dense
+    /// histograms (~140 KB apiece in memory), so a report is checked before it is kept.
+    /// (Deserializing already refuses more entries than these limits, so no report
+    /// makes the histograms of thousands of states on its way in; this check adds the
+    /// names and strings, and covers results built in code.)
+    pub fn check_limits(&self) -> Result<(), LimitError> {
+        at_most("results.states", "states", self.states.len(), MAX_STATES)?;
+        at_most(
+            "results.invariants",
+            "invariants",
+            self.invariants.len(),
+            MAX_INVARIANTS,
+        )?;
+        check_examples("results.failureExamples", &self.failure_examples)?;
+        for (name, state) in &self.states {
+            let at = format!("results.states[{}]", preview(name));
+            check_name(&at, name)?;
+            at_most(
+                &format!("{at}.transitions"),
+                "transitions",
+                state.transitions.len(),
+                MAX_TRANSITIONS_PER_STATE,
+            )?;
+            for to in state.transitions.keys() {
+                check_name(&format!("{at}.transitions[{}]", preview(to)), to)?;
+            }
+        }
+        for (name, invariant) in &self.invariants {
+            let at = format!("results.invariants[{}]", preview(name));
+            check_name(&at, name)?;
+            check_examples(&format!("{at}.examples"), &invariant.examples)?;
+        }
+        Ok(())
+    }
+}
+
+/// A report's size over [`Results::check_limits`]' bounds; `field` is the path in the
+/// report's JSON, e.g. `results.states["login"].transitions`.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum LimitError {
+    /// A map or list has too many entries.
+    #[error("{field}: {count} {what}, at most {max}")]
+    TooMany {
+        /// Where.
+        field: String,
+        /// What is counted: `states`, `transitions`, `examples`.
+        what: &'static str,
+        /// How many there are.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A state, transition or invariant name is too long.
+    #[error("{field}: a name of {chars} characters, at most {max}", max = MAX_NAME_CHARS)]
+    NameTooLong {
+        /// Where.
+        field: String,
+        /// Its length in characters.
+        chars: usize,
+    },
+    /// A failure example's string is too long.
+    #[error("{field}: {bytes} bytes, at most {max}", max = MAX_EXAMPLE_TEXT_BYTES)]
+    TextTooLong {
+        /// Where.
+        field: String,
+        /// Its length in bytes.
+        bytes: usize,
+    },
+}
+
+fn at_most(field: &str, what: &'static str, count: usize, max: usize) -> Result<(), LimitError> {
+    if count > max {
+        return Err(LimitError::TooMany {
+            field: field.to_owned(),
+            what,
+            count,
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// Names are counted in characters, as the API server's `maxLength` counts the
+/// scenario's names, so every name a valid scenario has passes.
+fn check_name(field: &str, name: &str) -> Result<(), LimitError> {
+    let chars = name.chars().count();
+    if chars > MAX_NAME_CHARS {
+        return Err(LimitError::NameTooLong {
+            field: field.to_owned(),
+            chars,
+        });
+    }
+    Ok(())
+}
+
+fn check_examples(field: &str, examples: &[FailureExample]) -> Result<(), LimitError> {
+    at_most(field, "examples", examples.len(), KEEP_EXAMPLES)?;
+    for (i, example) in examples.iter().enumerate() {
+        for (name, text) in [
+            ("state", &example.state),
+            ("request", &example.request),
+            ("detail", &example.detail),
+            ("response", &example.response),
+        ] {
+            if text.len() > MAX_EXAMPLE_TEXT_BYTES {
+                return Err(LimitError::TextTooLong {
+                    field: format!("{field}[{i}].{name}"),
+                    bytes: text.len(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A name as it appears in an error's field path: quoted, and cut short so a
+/// megabyte-long name does not land in the operator's log.
+fn preview(name: &str) -> String {
+    const SHOWN: usize = MAX_NAME_CHARS;
+    match name.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}…", &name[..cut]),
+        None => format!("{name:?}"),
+    }
+}
+
+/// Adds a count from a report: saturating, since a crafted `u64::MAX` would otherwise
+/// panic (debug) or wrap (release).
+fn add(counter: &mut u64, n: u64) {
+    *counter = counter.saturating_add(n);
 }
 
 fn keep_first(mine: &mut Vec<FailureExample>, theirs: &[FailureExample]) {
     let room = KEEP_EXAMPLES.saturating_sub(mine.len());
     mine.extend(theirs.iter().take(room).cloned());
+}
+
+/// `results.states`, refused past [`MAX_STATES`] entries while it is read: each entry
+/// holds two dense histograms, so checking after the whole map was built would be too
+/// late.
+fn bounded_states<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, StateResults>, D::Error> {
+    d.deserialize_map(BoundedMap::new("results.states", "states", MAX_STATES))
+}
+
+/// `results.invariants`, refused past [`MAX_INVARIANTS`] entries while it is read.
+fn bounded_invariants<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, InvariantResults>, D::Error> {
+    d.deserialize_map(BoundedMap::new(
+        "results.invariants",
+        "invariants",
+        MAX_INVARIANTS,
+    ))
+}
+
+/// A state's `transitions`, refused past [`MAX_TRANSITIONS_PER_STATE`] entries.
+fn bounded_transitions<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u64>, D::Error> {
+    d.deserialize_map(BoundedMap::new(
+        "results.states[].transitions",
+        "transitions",
+        MAX_TRANSITIONS_PER_STATE,
+    ))
+}
+
+/// `results.failureExamples`, refused past [`KEEP_EXAMPLES`].
+fn bounded_failure_examples<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<FailureExample>, D::Error> {
+    d.deserialize_seq(BoundedSeq::new("results.failureExamples", KEEP_EXAMPLES))
+}
+
+/// An invariant's `examples`, refused past [`KEEP_EXAMPLES`].
+fn bounded_invariant_examples<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<FailureExample>, D::Error> {
+    d.deserialize_seq(BoundedSeq::new(
+        "results.invariants[].examples",
+        KEEP_EXAMPLES,
+    ))
+}
+
+/// Reads a map of at most `max` entries, failing at the first one more, before its
+/// value is read (duplicate keys count: a valid report has none).
+struct BoundedMap<V> {
+    field: &'static str,
+    what: &'static str,
+    max: usize,
+    value: PhantomData<V>,
+}
+
+impl<V> BoundedMap<V> {
+    fn new(field: &'static str, what: &'static str, max: usize) -> Self {
+        Self {
+            field,
+            what,
+            max,
+            value: PhantomData,
+        }
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Visitor<'de> for BoundedMap<V> {
+    type Value = BTreeMap<String, V>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a map of at most {} {}", self.max, self.what)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = BTreeMap::new();
+        let mut seen = 0;
+        while let Some(key) = map.next_key::<String>()? {
+            seen += 1;
+            if seen > self.max {
+                return Err(de::Error::custom(format!(
+                    "{}: more than {} {}",
+                    self.field, self.max, self.what
+                )));
+            }
+            out.insert(key, map.next_value()?);
+        }
+        Ok(out)
+    }
+}
+
+/// Reads a list of at most `max` examples, failing at the first one more.
+struct BoundedSeq<T> {
+    field: &'static str,
+    max: usize,
+    item: PhantomData<T>,
+}
+
+impl<T> BoundedSeq<T> {
+    fn new(field: &'static str, max: usize) -> Self {
+        Self {
+            field,
+            max,
+            item: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for BoundedSeq<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a list of at most {} examples", self.max)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            if out.len() == self.max {
+                return Err(de::Error::custom(format!(
+                    "{}: more than {} examples",
+                    self.field, self.max
+                )));
+            }
+            out.push(item);
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -474,6 +966,499 @@ mod tests {
         h.record(Duration::ZERO);
         assert_eq!(h.count(), 2);
         assert!(h.max() >= Duration::from_secs(59));
+    }
+
+    /// A V2 header with these fields and `payload` after it.
+    fn v2(cookie: u32, declared: u32, digits: u32, low: u64, high: u64, payload: &[u8]) -> String {
+        let mut bytes = Vec::new();
+        bytes.extend(cookie.to_be_bytes());
+        bytes.extend(declared.to_be_bytes());
+        bytes.extend(0u32.to_be_bytes());
+        bytes.extend(digits.to_be_bytes());
+        bytes.extend(low.to_be_bytes());
+        bytes.extend(high.to_be_bytes());
+        bytes.extend(1.0f64.to_be_bytes());
+        bytes.extend(payload);
+        STANDARD.encode(bytes)
+    }
+
+    /// A header with our bounds and an honest length.
+    fn ours(payload: &[u8]) -> String {
+        let len = u32::try_from(payload.len()).expect("short payload");
+        v2(
+            V2_COOKIE,
+            len,
+            u32::from(SIGNIFICANT_DIGITS),
+            LOWEST_MICROS,
+            HIGHEST_MICROS,
+            payload,
+        )
+    }
+
+    fn decode_json(text: &str) -> Result<LatencyHistogram, String> {
+        serde_json::from_value(serde_json::Value::String(text.to_owned()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_histogram_round_trips_through_its_base64_text() {
+        let mut h = LatencyHistogram::default();
+        for micros in [1, 830, 1250, 2_100_000, 59_000_000] {
+            h.record(Duration::from_micros(micros));
+        }
+        let json = serde_json::to_value(&h).expect("serializes");
+        let back: LatencyHistogram = serde_json::from_value(json).expect("deserializes");
+        assert_eq!(back, h);
+        assert_eq!(back.count(), 5);
+    }
+
+    #[test]
+    fn the_counts_length_is_what_hdrhistogram_allocates_for_our_bounds() {
+        assert_eq!(
+            LatencyHistogram::default().0.distinct_values(),
+            HISTOGRAM_COUNTS
+        );
+    }
+
+    #[test]
+    fn the_densest_histogram_fits_the_base64_cap_and_round_trips() {
+        let mut h = LatencyHistogram::default();
+        let mut value = LOWEST_MICROS;
+        while value <= HIGHEST_MICROS {
+            // 2^62 zigzags to 2^63: the widest, 9-byte varint for every counter.
+            h.0.saturating_record_n(value, 1 << 62);
+            value = h.0.next_non_equivalent(value);
+        }
+        let text = serde_json::to_value(&h).expect("serializes");
+        let len = text.as_str().expect("a string").len();
+        assert!(
+            len <= MAX_HISTOGRAM_BASE64_LEN,
+            "{len} > {MAX_HISTOGRAM_BASE64_LEN}"
+        );
+        let back: LatencyHistogram = serde_json::from_value(text).expect("deserializes");
+        assert_eq!(back, h);
+    }
+
+    #[test]
+    fn a_header_claiming_a_4_gib_payload_is_refused_before_allocating_it() {
+        let text = v2(
+            V2_COOKIE,
+            u32::MAX,
+            u32::from(SIGNIFICANT_DIGITS),
+            LOWEST_MICROS,
+            HIGHEST_MICROS,
+            &[2],
+        );
+        let started = std::time::Instant::now();
+        assert_eq!(
+            decode_v2_base64(&text),
+            Err(HistogramError::PayloadLength {
+                declared: u32::MAX,
+                present: 1
+            })
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            started.elapsed()
+        );
+        let message = decode_json(&text).expect_err("refused");
+        assert!(
+            message.starts_with(
+                "histogram: the header declares 4294967295 payload bytes, but 1 follow it"
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_payload_length_other_than_the_bytes_present_is_refused() {
+        let short = v2(V2_COOKIE, 3, 3, LOWEST_MICROS, HIGHEST_MICROS, &[2, 2]);
+        let long = v2(V2_COOKIE, 1, 3, LOWEST_MICROS, HIGHEST_MICROS, &[2, 2]);
+        assert!(matches!(
+            decode_v2_base64(&short),
+            Err(HistogramError::PayloadLength { .. })
+        ));
+        assert!(matches!(
+            decode_v2_base64(&long),
+            Err(HistogramError::PayloadLength { .. })
+        ));
+    }
+
+    #[test]
+    fn bounds_other_than_ours_are_refused_naming_the_field() {
+        let cases = [
+            (
+                5,
+                LOWEST_MICROS,
+                HIGHEST_MICROS,
+                "histogram: significant digits is 5, expected 3",
+            ),
+            (
+                3,
+                1000,
+                HIGHEST_MICROS,
+                "histogram: lowest discernible value is 1000, expected 1",
+            ),
+            (
+                3,
+                LOWEST_MICROS,
+                u64::MAX / 2,
+                "histogram: highest trackable value is 9223372036854775807, expected 60000000",
+            ),
+        ];
+        for (digits, low, high, expected) in cases {
+            let text = v2(V2_COOKIE, 1, digits, low, high, &[2]);
+            let message = decode_json(&text).expect_err("refused");
+            assert!(message.starts_with(expected), "{message}");
+        }
+    }
+
+    #[test]
+    fn compressed_v2_and_unknown_cookies_are_refused() {
+        let mut h = LatencyHistogram::default();
+        h.record(Duration::from_millis(5));
+        let mut bytes = Vec::new();
+        hdrhistogram::serialization::V2DeflateSerializer::new()
+            .serialize(&h.0, &mut bytes)
+            .expect("serializes");
+        let message = decode_json(&STANDARD.encode(bytes)).expect_err("refused");
+        assert!(
+            message.starts_with(
+                "histogram: compressed HdrHistogram V2 (cookie 0x1c849314) is not accepted"
+            ),
+            "{message}"
+        );
+        let text = v2(0x1c84_9303, 1, 3, LOWEST_MICROS, HIGHEST_MICROS, &[2]);
+        assert_eq!(
+            decode_v2_base64(&text),
+            Err(HistogramError::Cookie(0x1c84_9303))
+        );
+    }
+
+    #[test]
+    fn text_longer_than_any_histogram_is_refused_before_decoding() {
+        let text = "A".repeat(MAX_HISTOGRAM_BASE64_LEN + 4);
+        assert_eq!(
+            decode_v2_base64(&text),
+            Err(HistogramError::TooLong { len: text.len() })
+        );
+        assert!(matches!(
+            decode_v2_base64(&STANDARD.encode([0u8; 12])),
+            Err(HistogramError::Truncated { len: 12 })
+        ));
+        assert!(
+            decode_json("not base64!")
+                .expect_err("refused")
+                .starts_with("histogram: not base64")
+        );
+    }
+
+    #[test]
+    fn a_zero_run_of_i64_min_is_refused_instead_of_overflowing_the_decoder() {
+        // u64::MAX as LEB128-64b9B zigzags to i64::MIN, which hdrhistogram negates.
+        let payload = [0xff; 9];
+        assert_eq!(
+            decode_v2_base64(&ours(&payload)),
+            Err(HistogramError::Payload {
+                at: 0,
+                what: "a run of zeros too long to count"
+            })
+        );
+    }
+
+    #[test]
+    fn counts_past_the_last_counter_and_cut_varints_are_refused() {
+        // A run of HISTOGRAM_COUNTS zeros (zigzag 2n - 1), then one count of 1.
+        let mut payload = Vec::new();
+        let mut zigzag = 2 * HISTOGRAM_COUNTS as u64 - 1;
+        while zigzag >= 0x80 {
+            payload.push((zigzag as u8 & 0x7f) | 0x80);
+            zigzag >>= 7;
+        }
+        payload.push(zigzag as u8);
+        let run = payload.len();
+        assert!(
+            decode_v2_base64(&ours(&payload)).is_ok(),
+            "zeros up to the end are fine"
+        );
+        payload.push(2);
+        assert_eq!(
+            decode_v2_base64(&ours(&payload)),
+            Err(HistogramError::Payload {
+                at: run,
+                what: "counts run past the histogram's last counter"
+            })
+        );
+        assert_eq!(
+            decode_v2_base64(&ours(&[0x80])),
+            Err(HistogramError::Payload {
+                at: 0,
+                what: "the last varint is cut short"
+            })
+        );
+    }
+
+    #[test]
+    fn merging_u64_max_counters_saturates_instead_of_overflowing() {
+        let full = FailureCounts {
+            connect: u64::MAX,
+            timeout: u64::MAX,
+            status: u64::MAX,
+            check: u64::MAX,
+            render: u64::MAX,
+            transport: u64::MAX,
+        };
+        let crafted = Results {
+            requests: u64::MAX,
+            failures: full.clone(),
+            checks_passed: u64::MAX,
+            checks_failed: u64::MAX,
+            sessions_started: u64::MAX,
+            sessions_completed: u64::MAX,
+            dropped_arrivals: u64::MAX,
+            states: BTreeMap::from([(
+                "s".to_owned(),
+                StateResults {
+                    requests: u64::MAX,
+                    failures: full.clone(),
+                    checks_passed: u64::MAX,
+                    checks_failed: u64::MAX,
+                    transitions: BTreeMap::from([("s".to_owned(), u64::MAX)]),
+                    latency: Latency::default(),
+                },
+            )]),
+            invariants: BTreeMap::from([
+                (
+                    "a".to_owned(),
+                    InvariantResults {
+                        checks: u64::MAX,
+                        violations: u64::MAX,
+                        examples: vec![],
+                    },
+                ),
+                (
+                    "b".to_owned(),
+                    InvariantResults {
+                        checks: 1,
+                        violations: 1,
+                        examples: vec![],
+                    },
+                ),
+            ]),
+            ..Results::default()
+        };
+        let mut merged = crafted.clone();
+        merged.merge(&crafted);
+        merged.failures.add(FailureKind::Check);
+        assert_eq!(merged.requests, u64::MAX);
+        assert_eq!(merged.failures, full);
+        assert_eq!(merged.failures.total(), u64::MAX);
+        assert_eq!(merged.states["s"].transitions["s"], u64::MAX);
+        assert_eq!(merged.states["s"].requests, u64::MAX);
+        assert_eq!(merged.invariants["a"].checks, u64::MAX);
+        assert_eq!(merged.violations(), u64::MAX);
+    }
+
+    fn example(text: &str) -> FailureExample {
+        FailureExample {
+            user: 1,
+            state: text.into(),
+            kind: FailureKind::Check,
+            request: text.into(),
+            status: Some(500),
+            detail: text.into(),
+            response: text.into(),
+        }
+    }
+
+    /// What the largest valid scenario produces: every state (names at the longest),
+    /// every transition, every invariant (names of multi-byte characters, which the API
+    /// server counts as characters), every example at the longest.
+    fn largest_valid() -> Results {
+        let name = |i: usize| format!("{i:0>width$}", width = MAX_NAME_CHARS);
+        let transitions: BTreeMap<String, u64> = (0..MAX_TRANSITIONS_PER_STATE)
+            .map(|i| (name(i), 1))
+            .collect();
+        let text = "x".repeat(MAX_EXAMPLE_TEXT_BYTES);
+        Results {
+            states: (0..MAX_STATES)
+                .map(|i| {
+                    let state = StateResults {
+                        transitions: transitions.clone(),
+                        ..StateResults::default()
+                    };
+                    (name(i), state)
+                })
+                .collect(),
+            invariants: (0..MAX_INVARIANTS)
+                .map(|i| {
+                    let invariant = InvariantResults {
+                        examples: vec![example(&text); KEEP_EXAMPLES],
+                        ..InvariantResults::default()
+                    };
+                    (format!("{i:é>width$}", width = MAX_NAME_CHARS), invariant)
+                })
+                .collect(),
+            failure_examples: vec![example(&text); KEEP_EXAMPLES],
+            ..Results::default()
+        }
+    }
+
+    #[test]
+    fn the_results_of_the_largest_valid_scenario_are_within_the_limits() {
+        let results = largest_valid();
+        assert_eq!(results.check_limits(), Ok(()));
+        let json = serde_json::to_string(&results).expect("serializes");
+        let back: Results = serde_json::from_str(&json).expect("deserializes");
+        assert_eq!(back.check_limits(), Ok(()));
+    }
+
+    #[test]
+    fn results_over_the_limits_are_refused_naming_the_field() {
+        let mut too_many_states = largest_valid();
+        too_many_states
+            .states
+            .insert("one-more".into(), StateResults::default());
+        let mut too_many_invariants = largest_valid();
+        too_many_invariants
+            .invariants
+            .insert("one-more".into(), InvariantResults::default());
+        let mut too_many_transitions = largest_valid();
+        too_many_transitions
+            .states
+            .values_mut()
+            .last()
+            .expect("states")
+            .transitions
+            .insert("one-more".into(), 1);
+        let mut long_state = largest_valid();
+        long_state
+            .states
+            .insert("s".repeat(MAX_NAME_CHARS + 1), StateResults::default());
+        long_state.states.pop_first();
+        let mut long_target = largest_valid();
+        let first = long_target.states.values_mut().next().expect("states");
+        first.transitions.pop_first();
+        first.transitions.insert("t".repeat(1000), 1);
+        let mut long_detail = largest_valid();
+        long_detail.failure_examples[3].detail.push('!');
+        let mut many_examples = largest_valid();
+        many_examples
+            .invariants
+            .values_mut()
+            .next()
+            .expect("invariants")
+            .examples
+            .push(example("e"));
+
+        let name = |c: char| format!("{:?}", c.to_string().repeat(MAX_NAME_CHARS));
+        let last_state = format!("{:?}", format!("{:0>63}", MAX_STATES - 1));
+        let first_state = format!("{:?}", format!("{:0>63}", 0));
+        let first_invariant = format!(
+            "{:?}",
+            largest_valid()
+                .invariants
+                .keys()
+                .next()
+                .expect("invariants")
+        );
+        let cases = [
+            (
+                too_many_states,
+                "results.states: 65 states, at most 64".to_owned(),
+            ),
+            (
+                too_many_invariants,
+                "results.invariants: 33 invariants, at most 32".to_owned(),
+            ),
+            (
+                too_many_transitions,
+                format!("results.states[{last_state}].transitions: 17 transitions, at most 16"),
+            ),
+            (
+                long_state,
+                format!(
+                    "results.states[{}…]: a name of 64 characters, at most 63",
+                    name('s')
+                ),
+            ),
+            (
+                long_target,
+                format!(
+                    "results.states[{first_state}].transitions[{}…]: a name of 1000 characters, at most 63",
+                    name('t')
+                ),
+            ),
+            (
+                long_detail,
+                "results.failureExamples[3].detail: 8193 bytes, at most 8192".to_owned(),
+            ),
+            (
+                many_examples,
+                format!("results.invariants[{first_invariant}].examples: 21 examples, at most 20"),
+            ),
+        ];
+        for (results, expected) in cases {
+            let error = results.check_limits().expect_err(&expected);
+            assert_eq!(error.to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn deserializing_refuses_more_entries_than_the_limits_as_it_reads() {
+        let mut json = serde_json::to_value(Results::default()).expect("serializes");
+        let state = serde_json::to_value(StateResults::default()).expect("serializes");
+        json["states"] = (0..=MAX_STATES)
+            .map(|i| (format!("s{i}"), state.clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        let message = serde_json::from_value::<Results>(json.clone())
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            message.starts_with("results.states: more than 64 states"),
+            "{message}"
+        );
+
+        let mut busy = state.clone();
+        busy["transitions"] = (0..=MAX_TRANSITIONS_PER_STATE)
+            .map(|i| (format!("s{i}"), serde_json::Value::from(1)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        json["states"] = serde_json::json!({ "s": busy });
+        let message = serde_json::from_value::<Results>(json.clone())
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            message.starts_with("results.states[].transitions: more than 16 transitions"),
+            "{message}"
+        );
+
+        json["states"] = serde_json::json!({});
+        json["failureExamples"] =
+            serde_json::to_value(vec![example("e"); KEEP_EXAMPLES + 1]).expect("serializes");
+        let message = serde_json::from_value::<Results>(json)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            message.starts_with("results.failureExamples: more than 20 examples"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn shortened_examples_pass_the_limits() {
+        let long = "é".repeat(MAX_EXAMPLE_TEXT_BYTES);
+        let example = example(&long).shortened();
+        assert!(example.detail.len() <= MAX_EXAMPLE_TEXT_BYTES);
+        assert!(example.detail.ends_with('…'));
+        let results = Results {
+            failure_examples: vec![example],
+            ..Results::default()
+        };
+        assert_eq!(results.check_limits(), Ok(()));
+        assert_eq!(self::example("short").shortened(), self::example("short"));
     }
 
     #[test]

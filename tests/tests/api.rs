@@ -453,6 +453,15 @@ fn refusals() -> Vec<Refusal> {
             message: "guards.cpuSource prometheus requires guards.prometheus.url",
         },
         Refusal {
+            what: "a guard window longer than 5m",
+            object: with(
+                lt(),
+                "/spec/guards",
+                json!({"criticalLoad": {"errorRate": 0.5}, "window": "10m"}),
+            ),
+            message: "guards.window must be at most 5m",
+        },
+        Refusal {
             what: "an empty load limit",
             object: with(lt(), "/spec/guards", json!({"maxLoad": {}})),
             message: "a load limit needs at least one of cpu, errorRate or p99",

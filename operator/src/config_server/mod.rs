@@ -200,7 +200,9 @@ impl RequestError {
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Runner(ReportError::Unknown(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Runner(ReportError::Token(_)) => StatusCode::UNAUTHORIZED,
-            Self::Runner(ReportError::Index { .. }) => StatusCode::BAD_REQUEST,
+            Self::Runner(ReportError::Index { .. } | ReportError::Results(_)) => {
+                StatusCode::BAD_REQUEST
+            }
         }
     }
 

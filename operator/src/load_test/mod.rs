@@ -269,6 +269,21 @@ async fn reconcile(test: Arc<LoadTest>, ctx: Arc<Context>) -> Result<Action, Rec
                 let cpu = test.spec.target.pod_selector.is_some();
                 Guard::new(g, cpu).map(|guard| (guard, g.window.get()))
             }),
+            names: runs::Names {
+                states: test
+                    .spec
+                    .scenario
+                    .states
+                    .iter()
+                    .map(|s| s.name.clone())
+                    .collect(),
+                invariants: test
+                    .spec
+                    .invariants
+                    .iter()
+                    .map(|i| i.name.clone())
+                    .collect(),
+            },
         },
     );
     let scenario = objects::scenario(&test).map_err(|source| ReconcileError::Encode {

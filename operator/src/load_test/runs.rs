@@ -23,7 +23,7 @@
 //! runner is steered by a replica that no longer writes.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -56,6 +56,50 @@ pub struct Plan {
     pub runners: u32,
     /// The guard and its window, when the test has guards.
     pub guard: Option<(Guard, Duration)>,
+    /// The names the runners' results may use.
+    pub names: Names,
+}
+
+/// The state and invariant names of a test: a report with any other is refused, so the
+/// merge of many runners' results holds no more entries than one runner's.
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    /// The scenario's states.
+    pub states: BTreeSet<String>,
+    /// The test's invariants.
+    pub invariants: BTreeSet<String>,
+}
+
+impl Names {
+    /// The first name in `results` that is not the test's, with the field it is in.
+    fn check(&self, results: &Results) -> Result<(), String> {
+        for (state, numbers) in &results.states {
+            if !self.states.contains(state) {
+                return Err(format!(
+                    "results.states: {state:?} is not a state of the scenario"
+                ));
+            }
+            if let Some(to) = numbers
+                .transitions
+                .keys()
+                .find(|to| !self.states.contains(*to))
+            {
+                return Err(format!(
+                    "results.states[{state:?}].transitions: {to:?} is not a state of the scenario"
+                ));
+            }
+        }
+        match results
+            .invariants
+            .keys()
+            .find(|i| !self.invariants.contains(*i))
+        {
+            Some(invariant) => Err(format!(
+                "results.invariants: {invariant:?} is not an invariant of the test"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Why a report is refused.
@@ -70,6 +114,9 @@ pub enum ReportError {
     /// The token is not this test's.
     #[error("the token is not LoadTest {0}'s runner token")]
     Token(String),
+    /// The results are over the limits or name what the test has not.
+    #[error("the report's {0}")]
+    Results(String),
     /// The runner's index is not one of the test's.
     #[error("runner index {index} is out of range: LoadTest {test} has {runners} runners")]
     Index {
@@ -140,6 +187,7 @@ struct Slot {
 struct RunState {
     uid: String,
     expected: u32,
+    names: Names,
     slots: BTreeMap<u32, Slot>,
     start_at: Option<SystemTime>,
     start: watch::Sender<Option<u64>>,
@@ -237,6 +285,7 @@ impl Runs {
                     RunState {
                         uid: plan.uid,
                         expected: plan.runners,
+                        names: plan.names,
                         slots: BTreeMap::new(),
                         start_at: None,
                         start: watch::channel(None).0,
@@ -312,6 +361,12 @@ impl Runs {
             .filter(|_| leading)
             .ok_or_else(|| ReportError::Unknown(name(test)))?;
         run.admit(&self.key, test, index, token)?;
+        if let Some(results) = &report.results {
+            results
+                .check_limits()
+                .map_err(|e| ReportError::Results(e.to_string()))?;
+            run.names.check(results).map_err(ReportError::Results)?;
+        }
         let now = Instant::now();
         run.touched = now;
         let slot = run.slots.entry(index).or_insert_with(|| Slot {
@@ -582,6 +637,7 @@ mod tests {
                 uid: "uid-1".into(),
                 runners: 2,
                 guard: None,
+                names: Names::default(),
             },
         );
         let first = runs
@@ -619,6 +675,7 @@ mod tests {
                 uid: "uid-1".into(),
                 runners: 2,
                 guard: None,
+                names: Names::default(),
             },
         );
         let other = TokenKey::from_bytes(&[1; 32]).token("uid-2");
@@ -637,6 +694,7 @@ mod tests {
             uid: "uid-1".into(),
             runners,
             guard: None,
+            names: Names::default(),
         }
     }
 
@@ -660,6 +718,50 @@ mod tests {
         runs.set_leading(true);
         runs.track(&test, plan(1));
         runs.admit(&test, 0, &token).expect("admitted again");
+    }
+
+    #[test]
+    fn results_with_names_the_test_has_not_are_refused_naming_the_field() {
+        let (runs, test, token) = runs();
+        runs.track(
+            &test,
+            Plan {
+                names: Names {
+                    states: ["home".to_owned()].into(),
+                    invariants: ["stock".to_owned()].into(),
+                },
+                ..plan(1)
+            },
+        );
+        let send = |results: Results| {
+            runs.report(
+                &test,
+                0,
+                &token,
+                report(1, RunnerStage::Running, Some(results)),
+            )
+        };
+        let mut ok = results(3, 0, 1);
+        ok.states.entry("home".into()).or_default().requests = 3;
+        ok.invariants.entry("stock".into()).or_default().checks = 1;
+        send(ok.clone()).expect("the test's own names");
+        let mut stranger = ok.clone();
+        stranger.states.entry("elsewhere".into()).or_default();
+        let refused = send(stranger).err().map(|e| e.to_string());
+        assert_eq!(
+            refused.as_deref(),
+            Some(r#"the report's results.states: "elsewhere" is not a state of the scenario"#)
+        );
+        let mut hop = ok.clone();
+        hop.states
+            .entry("home".into())
+            .or_default()
+            .transitions
+            .insert("nowhere".into(), 1);
+        assert!(matches!(send(hop), Err(ReportError::Results(m)) if m.contains("transitions")));
+        let mut rule = ok;
+        rule.invariants.entry("other".into()).or_default();
+        assert!(matches!(send(rule), Err(ReportError::Results(m)) if m.contains("invariants")));
     }
 
     #[test]
@@ -709,6 +811,7 @@ mod tests {
                 uid: "uid-1".into(),
                 runners: 2,
                 guard: None,
+                names: Names::default(),
             },
         );
         let send = |index, seq, r| {
@@ -750,6 +853,7 @@ mod tests {
                     Guard::new(&guards, true).expect("guard"),
                     Duration::from_secs(10),
                 )),
+                names: Names::default(),
             },
         );
         for index in 0..2 {

@@ -186,7 +186,7 @@ impl Recorder {
     pub fn example(&self, example: FailureExample) {
         if self.examples_kept.fetch_add(1, Relaxed) < KEEP_EXAMPLES {
             let user = example.user;
-            self.with_stripe(user, |s| s.examples.push(example));
+            self.with_stripe(user, |s| s.examples.push(example.shortened()));
         }
     }
 
@@ -202,7 +202,7 @@ impl Recorder {
             entry.violations += 1;
             self.live.violations.fetch_add(1, Relaxed);
             if entry.examples.len() < 5 {
-                entry.examples.push(example);
+                entry.examples.push(example.shortened());
             }
         }
     }
