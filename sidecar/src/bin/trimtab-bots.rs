@@ -1,7 +1,8 @@
 //! `trimtab-bots`: runs a `LoadTest`'s bot users without a cluster, or as one runner
 //! pod of an Indexed Job (`JOB_COMPLETION_INDEX` picks the shard), where it registers
 //! with the operator (`--control-plane`), starts with every other runner, and reports
-//! its results.
+//! its results. SIGTERM or SIGINT stops the run like an abort; the results so far are
+//! still written and delivered.
 //!
 //! ```text
 //! trimtab-bots run examples/shop-loadtest.yaml --target http://127.0.0.1:8080 --duration 30s
@@ -20,6 +21,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tokio_util::sync::CancellationToken;
 use trimtab_api::{duration::Duration as SpecDuration, load_test::LoadTestSpec};
 use trimtab_sidecar::bots::{
     control::{Control, ControlError, ControlSettings},
@@ -113,6 +119,91 @@ struct RunArgs {
 #[error("aborted by the guard: {0}")]
 struct Aborted(String);
 
+/// A signal stopped the run before its end (its results so far were still written
+/// and delivered), or before it started: not a success.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by {} before the end of the run", .0.name())]
+struct Stopped(Signal);
+
+/// A signal that stops the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// What Kubernetes sends when the Job is suspended (an abort) or deleted.
+    Terminate,
+    /// Ctrl-C in a terminal.
+    Interrupt,
+}
+
+impl Signal {
+    /// As `kill -l` and the logs spell it.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Terminate => "SIGTERM",
+            Self::Interrupt => "SIGINT",
+        }
+    }
+
+    /// The exit code of a second signal: 128 + the signal's number, as a shell
+    /// reports a process the signal killed.
+    fn exit_code(self) -> i32 {
+        match self {
+            Self::Terminate => 128 + 15,
+            Self::Interrupt => 128 + 2,
+        }
+    }
+}
+
+/// Listens for SIGTERM and SIGINT; the receiver holds the first one once it arrived.
+///
+/// Needed because in a pod this process is PID 1, and the kernel applies no default
+/// disposition to PID 1: without a handler SIGTERM is ignored, the pod dies only at
+/// the grace period's SIGKILL and its results are lost. The first signal stops the run
+/// like an operator's abort, so the results still go out (exit code 6); a second one
+/// exits at once, for when delivering them hangs.
+fn listen_for_signals() -> std::io::Result<watch::Receiver<Option<Signal>>> {
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let (sender, receiver) = watch::channel(None::<Signal>);
+    tokio::spawn(async move {
+        // One turn per signal received; the second ends the process.
+        loop {
+            let received = tokio::select! {
+                Some(()) = terminate.recv() => Signal::Terminate,
+                Some(()) = interrupt.recv() => Signal::Interrupt,
+                else => return,
+            };
+            if let Some(first) = *sender.borrow() {
+                eprintln!(
+                    "trimtab-bots: {} after {}: exiting now, results not delivered",
+                    received.name(),
+                    first.name()
+                );
+                std::process::exit(received.exit_code());
+            }
+            eprintln!(
+                "trimtab-bots: {}: stopping the run; its results are still written and \
+                 delivered (another signal exits at once)",
+                received.name()
+            );
+            sender.send_replace(Some(received));
+        }
+    });
+    Ok(receiver)
+}
+
+/// Resolves with the first signal (never, should the listener be gone).
+async fn stop_signal(mut signals: watch::Receiver<Option<Signal>>) -> Signal {
+    let first = signals
+        .wait_for(Option::is_some)
+        .await
+        .map(|signal| *signal);
+    match first {
+        // `wait_for(Option::is_some)` only returns a `Some`; the default is unreachable.
+        Ok(signal) => signal.unwrap_or(Signal::Terminate),
+        Err(_) => std::future::pending().await,
+    }
+}
+
 fn read_spec(path: &Path) -> anyhow::Result<LoadTestSpec> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -182,12 +273,15 @@ fn main() -> ExitCode {
             }
             // 2: the scenario was refused; 3: the target did not answer; 4: the guard
             // aborted the run (criticalLoad); 5: the operator refused this runner or
-            // could not be reached; 1: anything else.
+            // could not be reached; 6: SIGTERM or SIGINT stopped the run (its results
+            // were still written and delivered; a second signal exits at once with
+            // 128 + its number: 143, 130); 1: anything else.
             let code = match e.downcast_ref::<RunError>() {
                 Some(RunError::Compile(_) | RunError::Workload(_)) => 2,
                 Some(RunError::Unreachable { .. } | RunError::TargetUrl { .. }) => 3,
                 None if e.is::<Aborted>() => 4,
                 None if e.is::<ControlError>() => 5,
+                None if e.is::<Stopped>() => 6,
                 None => 1,
             };
             ExitCode::from(code)
@@ -221,6 +315,7 @@ fn control(args: &RunArgs, shard: Shard) -> anyhow::Result<Option<Arc<Control>>>
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let signals = listen_for_signals().context("listening for SIGTERM and SIGINT")?;
     let spec = read_spec(&args.loadtest)?;
     let shard = shard(&args, &spec)?;
     let control = control(&args, shard)?;
@@ -248,20 +343,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let run = match &control {
-        None => Run::start(compiled, &options).await?,
-        Some(control) => {
-            // Only a runner that can run registers: a broken target fails it first.
-            compiled.probe(options.connect_timeout).await?;
-            let start = control.register(target_users).await?;
-            if let Ok(ahead) = start.duration_since(SystemTime::now()) {
-                tokio::time::sleep(ahead).await;
+    let begin = async {
+        anyhow::Ok(match &control {
+            None => Run::start(compiled, &options).await?,
+            Some(control) => {
+                // Only a runner that can run registers: a broken target fails it first.
+                compiled.probe(options.connect_timeout).await?;
+                let start = control.register(target_users).await?;
+                if let Ok(ahead) = start.duration_since(SystemTime::now()) {
+                    tokio::time::sleep(ahead).await;
+                }
+                Run::begin(compiled, &options)
             }
-            Run::begin(compiled, &options)
-        }
+        })
+    };
+    // Stopped before the start (a registration can wait minutes): nothing to report.
+    let run = tokio::select! {
+        run = begin => run?,
+        signal = stop_signal(signals.clone()) => return Err(Stopped(signal).into()),
     };
     let started = SystemTime::now();
     let shared = run.shared.clone();
+    // A signal stops the run as an abort does: nobody sends again, no closing checks,
+    // and the results so far are written and delivered below.
+    let abort_on_signal = {
+        let (shared, signals) = (shared.clone(), signals.clone());
+        tokio::spawn(async move {
+            stop_signal(signals).await;
+            shared.gate.abort();
+        })
+    };
+    // Cancelled once the run has finished, closing checks included: the reporter
+    // follows the operator (and its abort) until then.
+    let finished = CancellationToken::new();
     if let Some(listener) = metrics {
         tokio::spawn(metrics::serve(listener, shared.clone()));
     }
@@ -274,6 +388,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             started,
             target_users,
             args.report_interval.get(),
+            finished.clone(),
         ))
     });
 
@@ -313,10 +428,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         })
     };
     let output = run.finish().await;
+    // Only a signal that arrived before the run finished stopped it; one during the
+    // delivery below changes nothing (a second one exits).
+    let stopped = *signals.borrow();
+    abort_on_signal.abort();
+    finished.cancel();
     ticker.abort();
     bar.finish_and_clear();
     if let Some(reporter) = reporter {
-        // It ends at the deadline or the abort, as the users did.
+        // It ends now, with at most a report dropped on its way.
         let _ = reporter.await;
     }
 
@@ -349,8 +469,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return Err(Aborted(reason).into());
         }
     }
-    match output.aborted() {
-        Some(reason) => Err(Aborted(reason.to_owned()).into()),
+    if let Some(reason) = output.aborted() {
+        return Err(Aborted(reason.to_owned()).into());
+    }
+    match stopped {
+        Some(signal) => Err(Stopped(signal).into()),
         None => Ok(()),
     }
 }

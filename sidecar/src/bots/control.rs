@@ -18,6 +18,7 @@ use http::{Method, Request, StatusCode, header};
 use http_body_util::Full;
 use rand::{SeedableRng, rngs::SmallRng};
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 use trimtab_api::{
     results::Results,
     runner_protocol::{self, Directive, RunnerReport, RunnerStage, from_unix_micros, unix_micros},
@@ -269,14 +270,20 @@ impl Control {
         }
     }
 
-    /// Reports every `interval` until the run's deadline or its abort, and works the
-    /// gate as the operator says.
+    /// Reports every `interval` until `finished` is cancelled, and works the gate as
+    /// the operator says.
+    ///
+    /// Not until the deadline: after it the run still checks every invariant once more
+    /// (a slow target can take a request timeout per invariant), and only an answer to
+    /// a report can abort those checks. The caller cancels `finished` once the run has
+    /// finished, then delivers the final results with [`Self::finish`].
     pub async fn follow(
         self: Arc<Self>,
         shared: Arc<Shared>,
         started: SystemTime,
         target_users: u64,
         interval: Duration,
+        finished: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -284,8 +291,7 @@ impl Control {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                () = tokio::time::sleep_until(shared.deadline) => return,
-                () = shared.gate.aborted() => return,
+                () = finished.cancelled() => return,
             }
             let report = self.report(
                 RunnerStage::Running,
@@ -294,7 +300,14 @@ impl Control {
                 target_users,
                 Some(shared.recorder.snapshot()),
             );
-            match self.send_soon(&report).await {
+            // A report still on its way when the run finishes is dropped: the final
+            // one carries everything it did, and waiting for an operator that does not
+            // answer would hold the final results back by up to a request timeout.
+            let sent = tokio::select! {
+                sent = self.send_soon(&report) => sent,
+                () = finished.cancelled() => return,
+            };
+            match sent {
                 Ok(directive) => self.obey(&shared, directive),
                 Err(SendError::Refused(status, message)) => {
                     tracing::warn!(%status, %message, "the operator refused a report");

@@ -235,7 +235,8 @@ impl Run {
     }
 
     /// Runs users, invariants and the guard to the deadline (or an abort), then
-    /// checks every invariant once more (unless aborted) and returns the results.
+    /// checks every invariant once more (unless aborted, before or during these
+    /// checks) and returns the results.
     pub async fn finish(self) -> RunOutput {
         let guard = self
             .guard
@@ -256,10 +257,18 @@ impl Run {
             Some(watch) => watch.await.unwrap_or_default(),
             None => Vec::new(),
         };
-        // An aborted run stops sending at once: no closing checks either.
+        // An aborted run stops sending at once: no closing checks either, and an abort
+        // that arrives while they run (an operator's answer to a report, a SIGTERM)
+        // cuts them short; a check cut short records nothing.
         if !self.shared.gate.is_aborted() {
-            for inv in &self.invariants {
-                invariants::check_once(&self.shared, inv).await;
+            let closing_checks = async {
+                for inv in &self.invariants {
+                    invariants::check_once(&self.shared, inv).await;
+                }
+            };
+            tokio::select! {
+                () = closing_checks => {}
+                () = self.shared.gate.aborted() => {}
             }
         }
         let journey = match self.shared.journey.lock() {
