@@ -34,6 +34,10 @@ pub mod reason {
     pub const INVALID_SAMPLE: &str = "InvalidSample";
     /// The client pod selector cannot be evaluated.
     pub const INVALID_SELECTOR: &str = "InvalidSelector";
+    /// The LLM providers are published (with the keys that could be read).
+    pub const PROVIDERS_PUBLISHED: &str = "ProvidersPublished";
+    /// A provider's `apiKey.secretKeyRef` could not be read; it has no key.
+    pub const SECRET_UNAVAILABLE: &str = "SecretUnavailable";
     /// Nothing is wrong.
     pub const AS_EXPECTED: &str = "AsExpected";
 }

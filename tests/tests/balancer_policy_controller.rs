@@ -353,3 +353,107 @@ async fn cpu_from_a_real_prometheus_sets_the_weights_and_follows_a_change() {
     .await;
     assert!(status.balance_score.is_some(), "{status:#?}");
 }
+
+/// The API key of provider `name` in the config a pod of `namespace` with `labels` gets.
+fn provider_key(index: &PolicyIndex, namespace: &str, name: &str) -> Option<String> {
+    let labels = BTreeMap::from([("app".to_owned(), "assistant".to_owned())]);
+    index
+        .config_for(namespace, &labels)
+        .config
+        .routes
+        .iter()
+        .filter_map(|r| r.llm.as_ref())
+        .flat_map(|l| &l.providers)
+        .find(|p| p.provider.name == name)
+        .and_then(|p| p.secret_key.as_ref().map(|k| k.expose().to_owned()))
+}
+
+#[tokio::test]
+async fn llm_provider_policies_carry_keys_from_their_own_namespace_and_follow_rotation() {
+    let (cluster, client, index) = start().await;
+    cluster
+        .ensure_namespace("elsewhere")
+        .await
+        .expect("namespace");
+    let secret = |namespace: &str, openai: &str| {
+        let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+            "metadata": {"name": "llm-keys", "namespace": namespace},
+            "stringData": {"openai": format!("{openai}\n")},
+        }))
+        .expect("a Secret");
+        secret
+    };
+    let secrets = |namespace: &str| {
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), namespace)
+    };
+    secrets(NS)
+        .create(&PostParams::default(), &secret(NS, "sk-shop-1"))
+        .await
+        .expect("Secret");
+    // Another namespace's Secret of the same name is never what a policy reads.
+    secrets("elsewhere")
+        .create(&PostParams::default(), &secret("elsewhere", "sk-elsewhere"))
+        .await
+        .expect("Secret");
+    let provider = |name: &str, kind: &str, secret: &str| {
+        json!({"name": name, "type": kind, "baseUrl": "http://127.0.0.1:9", "model": "m",
+               "contextWindow": 8192, "apiKey": {"secretKeyRef": {"name": secret, "key": name}}})
+    };
+    create::<BalancerPolicy>(
+        &client,
+        json!({
+            "apiVersion": "trimtab.dev/v1alpha1", "kind": "BalancerPolicy",
+            "metadata": {"name": "llm"},
+            "spec": {
+                "clients": {"podSelector": {"matchLabels": {"app": "assistant"}}},
+                "listener": {"port": 15100, "protocol": "openai"},
+                "providers": [provider("openai", "openai", "llm-keys"),
+                              provider("anthropic", "anthropic", "no-such-secret")],
+            },
+        }),
+    )
+    .await;
+    let status = wait_for_status(&client, "llm", |s| s.observed_generation == Some(1)).await;
+    assert_eq!(
+        condition(&status, "Ready"),
+        Some(("True", "ProvidersPublished")),
+        "{status:#?}"
+    );
+    assert_eq!(
+        condition(&status, "Degraded"),
+        Some(("True", "SecretUnavailable"))
+    );
+    let degraded = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .expect("Degraded")
+        .message;
+    assert_eq!(
+        degraded,
+        "spec.providers[1].apiKey.secretKeyRef: Secret shop/no-such-secret not found"
+    );
+    assert!(!format!("{status:?}").contains("sk-"), "no key in status");
+    assert_eq!(
+        provider_key(&index, NS, "openai").as_deref(),
+        Some("sk-shop-1")
+    );
+    assert_eq!(provider_key(&index, NS, "anthropic"), None);
+    assert_eq!(provider_key(&index, "elsewhere", "openai"), None);
+
+    // A rotated key reaches the published route within one recheck.
+    secrets(NS)
+        .replace("llm-keys", &PostParams::default(), &secret(NS, "sk-shop-2"))
+        .await
+        .expect("rotated");
+    let rotated = tokio::time::Instant::now();
+    let limit = balancer_policy::provider_keys::RECHECK + Duration::from_secs(5);
+    while provider_key(&index, NS, "openai").as_deref() != Some("sk-shop-2") {
+        assert!(
+            rotated.elapsed() < limit,
+            "the rotated key was not published"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("rotated key published after {:?}", rotated.elapsed());
+}

@@ -967,13 +967,19 @@ async fn wait_until<F: AsyncFnMut() -> bool>(what: &str, mut done: F) {
 async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_refused() {
     let cluster = TestCluster::start().await.expect("test cluster starts");
     let admin = cluster.client();
+    // The namespaces whose Secrets the chart grants exist before it is installed.
+    cluster
+        .ensure_namespace("assistant")
+        .await
+        .expect("namespace");
     succeed(
         cluster
             .helm()
             .args(["install", RELEASE])
             .arg(chart_dir())
             .args(["--namespace", NS, "--create-namespace", "--timeout", "60s"])
-            .args(["--set", "injection.enabled=true"]),
+            .args(["--set", "injection.enabled=true"])
+            .args(["--set", "rbac.providerSecretNamespaces={assistant}"]),
     );
     // The operator as the API server sees it: its ServiceAccount, impersonated.
     let operator: Client = cluster
@@ -1007,6 +1013,10 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
     // forbidden watch would show here.
     let shop = "shop";
     cluster.ensure_namespace(shop).await.expect("namespace");
+    cluster
+        .ensure_namespace("assistant")
+        .await
+        .expect("namespace");
     let kubectl_apply = |yaml: Value| {
         let file = cluster.dir().join("object.json");
         fs::write(&file, yaml.to_string()).expect("writing object");
@@ -1083,6 +1093,51 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         },
     )
     .await;
+    // provider_keys: an LLM policy's key Secret is readable in a namespace the chart
+    // lists (rbac.providerSecretNamespaces), and only there.
+    let llm_policy = |namespace: &str| {
+        json!({"apiVersion": "trimtab.dev/v1alpha1", "kind": "BalancerPolicy",
+            "metadata": {"name": "llm", "namespace": namespace},
+            "spec": {"clients": {"podSelector": {"matchLabels": {"app": "assistant"}}},
+                     "listener": {"port": 15100, "protocol": "openai"},
+                     "providers": [{"name": "openai", "type": "openai", "baseUrl": "http://127.0.0.1:9",
+                                    "model": "m", "contextWindow": 8192,
+                                    "apiKey": {"secretKeyRef": {"name": "llm-keys", "key": "openai"}}}]}})
+    };
+    for namespace in ["assistant", shop] {
+        kubectl_apply(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "llm-keys", "namespace": namespace},
+            "stringData": {"openai": "sk-test"}}));
+        kubectl_apply(llm_policy(namespace));
+    }
+    let degraded = |namespace: &str| {
+        let policies = Api::<BalancerPolicy>::namespaced(admin.clone(), namespace);
+        async move {
+            policies
+                .get("llm")
+                .await
+                .ok()
+                .and_then(|p| p.status)
+                .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Degraded"))
+                .map(|c| (c.status, c.message))
+        }
+    };
+    wait_until("the LLM policies' statuses are written", async || {
+        degraded("assistant").await.is_some() && degraded(shop).await.is_some()
+    })
+    .await;
+    assert_eq!(
+        degraded("assistant").await,
+        Some(("False".to_owned(), String::new())),
+        "the key of a listed namespace is read"
+    );
+    let (status, message) = degraded(shop).await.expect("Degraded");
+    assert_eq!(status, "True");
+    assert!(
+        message.contains("may not read Secret shop/llm-keys"),
+        "{message}"
+    );
+
     let policies = Api::<BalancerPolicy>::namespaced(admin.clone(), shop);
     wait_until(
         "the operator writes the policy's status with both endpoints",
@@ -1268,6 +1323,7 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         ("patch", "configmaps", Some(shop)),
         ("create", "secrets", Some(shop)),
         ("get", "secrets/trimtab-operator-loadtest-key", Some(NS)),
+        ("get", "secrets", Some("assistant")),
     ] {
         assert!(
             operator_can(&cluster, verb, resource, namespace),
@@ -1294,6 +1350,8 @@ async fn operator_code_paths_succeed_under_the_charts_rbac_and_unused_verbs_are_
         ("delete", "endpointslices.discovery.k8s.io", Some(shop)),
         ("list", "secrets", Some(NS)),
         ("get", "secrets", Some(shop)),
+        ("list", "secrets", Some("assistant")),
+        ("watch", "secrets", Some("assistant")),
         ("patch", "secrets", Some(shop)),
         ("get", "secrets/other-runner-token", Some(shop)),
         ("patch", "secrets/trimtab-operator-loadtest-key", Some(NS)),

@@ -5,6 +5,7 @@
 //! Watches on Services, EndpointSlices and Pods feed reflector stores that resolve reads,
 //! so a reconcile costs one metrics query and one status patch, never a list call.
 
+pub mod provider_keys;
 pub mod resolve;
 
 use std::{
@@ -425,6 +426,57 @@ struct Outcome {
     requeue: Duration,
 }
 
+/// The route of an LLM provider policy: no endpoints to resolve or weigh (the sidecars
+/// measure the providers themselves), only the API keys to read from Secrets.
+async fn providers(
+    policy: &BalancerPolicy,
+    namespace: &str,
+    selector: Selector,
+    ctx: &Context,
+) -> Outcome {
+    let generation = policy.metadata.generation;
+    let mut route = route_for(policy, namespace, Vec::new());
+    let problems = match &mut route.llm {
+        Some(llm) => provider_keys::fill(&ctx.client, namespace, llm).await,
+        None => Vec::new(),
+    };
+    let count = route.llm.as_ref().map_or(0, |l| l.providers.len());
+    let degraded = if problems.is_empty() {
+        conditions::new(DEGRADED, false, reason::AS_EXPECTED, "", generation)
+    } else {
+        let message = problems
+            .iter()
+            .map(|(field, e)| format!("{field}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        tracing::warn!(policy = %format!("{namespace}/{}", policy.name_any()), %message, "provider keys unavailable");
+        conditions::new(
+            DEGRADED,
+            true,
+            reason::SECRET_UNAVAILABLE,
+            message,
+            generation,
+        )
+    };
+    Outcome {
+        route: Some((selector, route)),
+        endpoints: Vec::new(),
+        conditions: vec![
+            conditions::new(
+                READY,
+                true,
+                reason::PROVIDERS_PUBLISHED,
+                format!("{count} LLM providers published"),
+                generation,
+            ),
+            degraded,
+        ],
+        transitions: Vec::new(),
+        balance_score: None,
+        requeue: provider_keys::RECHECK,
+    }
+}
+
 /// validate → resolve → compute, reading only the stores and the metrics source.
 async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcome {
     let spec = &policy.spec;
@@ -454,10 +506,7 @@ async fn plan(policy: &BalancerPolicy, namespace: &str, ctx: &Context) -> Outcom
         }
     };
     if spec.providers.is_some() {
-        return not_ready(
-            "ProvidersNotServedByController",
-            "LLM provider policies are served by the sidecars' LLM gateway; the operator publishes no endpoints for them".into(),
-        );
+        return providers(policy, namespace, selector, ctx).await;
     }
 
     // resolve
