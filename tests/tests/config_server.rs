@@ -220,10 +220,11 @@ fn signed_token(cluster: &TestCluster, sa: &ServiceAccount, pod: &Pod, exp: u64)
     )
 }
 
-/// A plain HTTP/1.1 GET on the operator's admin port; the whole response as text.
-async fn admin_get(operator: &OperatorProcess, path: &str) -> String {
+/// A plain HTTP/1.1 GET on an admin port (the operator's, a sidecar's); the whole
+/// response as text.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(operator.admin_addr)
+    let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("admin port");
     stream
@@ -316,7 +317,7 @@ async fn sidecars_get_exactly_their_policies_and_wrong_tokens_get_401_or_403() {
     assert_eq!(first.status, StatusCode::OK, "{}", first.error());
     assert_eq!(routes(&first), ["api"], "exactly the pod's own policies");
     assert!(
-        admin_get(&operator, "/ready")
+        admin_get(operator.admin_addr, "/ready")
             .await
             .starts_with("HTTP/1.1 200"),
         "a replica that serves config is ready"
@@ -606,6 +607,33 @@ async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() 
     api["spec"]["algorithm"] = json!("cpuWeighted");
     api["spec"]["weighting"] = json!({"source": "loadReports", "interval": "1s", "smoothing": 1.0});
     let _: BalancerPolicy = apply(&client, NS, api).await;
+    // An LLM gateway for the same pod: its provider wants the key the operator reads
+    // from a Secret of the pod's namespace.
+    let provider = mock_llm::MockProvider::start("openai-mock", 0)
+        .await
+        .expect("mock provider");
+    provider.update(|b| b.expected_key = Some("sk-from-secret".into()));
+    let _: k8s_openapi::api::core::v1::Secret = apply(
+        &client,
+        NS,
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "llm-keys"},
+               "stringData": {"openai": "sk-from-secret"}}),
+    )
+    .await;
+    let llm_listener = free_addr().port();
+    let _: BalancerPolicy = apply(
+        &client,
+        NS,
+        json!({"apiVersion": "trimtab.dev/v1alpha1", "kind": "BalancerPolicy",
+            "metadata": {"name": "llm"},
+            "spec": {"clients": {"podSelector": {"matchLabels": {"app": "web"}}},
+                     "listener": {"port": llm_listener, "protocol": "openai"},
+                     "providers": [{"name": "openai", "type": "openai",
+                                    "baseUrl": provider.openai_base_url(), "model": "gpt-test",
+                                    "contextWindow": 8192,
+                                    "apiKey": {"secretKeyRef": {"name": "llm-keys", "key": "openai"}}}]}}),
+    )
+    .await;
 
     let cert = ServingCert::write(cluster.dir());
     let config_addr = free_addr();
@@ -678,6 +706,56 @@ async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() 
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The app speaks OpenAI to its LLM listener; the sidecar sends the request on with
+    // the key from the Secret, which the mock provider demands.
+    let chat = |port: u16| async move {
+        let client: HttpClient<HttpConnector, Full<Bytes>> =
+            HttpClient::builder(TokioExecutor::new()).build_http();
+        let request = Request::post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(
+                json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]})
+                    .to_string(),
+            )))
+            .expect("request");
+        match client.request(request).await {
+            Ok(response) => {
+                let status = response.status();
+                let body = response.into_body().collect().await.map(|b| b.to_bytes());
+                Some((status, body.unwrap_or_default()))
+            }
+            Err(_) => None,
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (status, body) = loop {
+        if let Some(answer) = chat(llm_listener).await {
+            break answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sidecar never served the LLM route; its log:\n{}",
+            sidecar_log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(provider.requests(), 1);
+    let seen = provider
+        .last_request()
+        .expect("the provider saw the request");
+    assert_eq!(
+        seen.headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer sk-from-secret")
+    );
+    let shown = admin_get(([127, 0, 0, 1], admin_port).into(), "/config").await;
+    assert!(
+        shown.contains(trimtab_api::sidecar_config::REDACTED) && !shown.contains("sk-from-secret"),
+        "the sidecar's /config redacts the key: {shown}"
+    );
 
     // Backend b reports four times a's utilization: the weights, and with them the
     // sidecar's split, move towards a.
