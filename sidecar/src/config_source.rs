@@ -135,7 +135,8 @@ impl StateDir {
     }
 
     /// Writes `config` atomically: to a temporary file, then renamed over the old one,
-    /// so that a crash mid-write never leaves a torn config.
+    /// so that a crash mid-write never leaves a torn config. Readable by this user only:
+    /// it can hold LLM providers' API keys (the injected volume is in memory too).
     pub fn save(&self, config: &SidecarConfig) -> Result<(), SourceError> {
         let file = self.file();
         let state_error = |message: String| SourceError::State {
@@ -146,7 +147,22 @@ impl StateDir {
             .map_err(|e| state_error(format!("cannot create the directory: {e}")))?;
         let json = serde_json::to_vec_pretty(config).map_err(|e| state_error(e.to_string()))?;
         let tmp = self.0.join(format!(".{STATE_FILE}.tmp"));
-        std::fs::write(&tmp, json).map_err(|e| state_error(format!("cannot write: {e}")))?;
+        let write = || -> std::io::Result<()> {
+            use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+            // A leftover from a crash may have other permissions: start afresh.
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(&json)?;
+            file.sync_all()
+        };
+        write().map_err(|e| state_error(format!("cannot write: {e}")))?;
         std::fs::rename(&tmp, &file).map_err(|e| state_error(format!("cannot replace: {e}")))?;
         Ok(())
     }
@@ -367,6 +383,14 @@ spec:
         let routes = parse_policies(TWO_POLICIES, Path::new("p.yaml")).expect("valid");
         let config = SidecarConfig { version: 7, routes };
         state.save(&config).expect("saved");
-        assert_eq!(state.load().expect("readable"), Some(config));
+        assert_eq!(state.load().expect("readable"), Some(config.clone()));
+        // It may hold API keys: only this user reads it, after an overwrite too.
+        state.save(&config).expect("saved again");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("state").join(STATE_FILE))
+                .expect("the state file")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 }

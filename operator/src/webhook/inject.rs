@@ -24,7 +24,9 @@ pub const TOKEN_VOLUME: &str = "trimtab-token";
 /// Where the token volume is mounted (the sidecar's `--token-file` directory).
 pub const TOKEN_DIR: &str = "/var/run/secrets/trimtab";
 /// The scratch volume where the sidecar keeps its last good config (fail static across
-/// a sidecar restart: an emptyDir outlives the container).
+/// a sidecar restart: an emptyDir outlives the container). In memory, as the kubelet
+/// mounts Secrets: the config can hold LLM providers' API keys, which must not land on
+/// the node's disk.
 pub const STATE_VOLUME: &str = "trimtab-state";
 /// Where the state volume is mounted (`--state-dir`).
 pub const STATE_DIR: &str = "/var/run/trimtab";
@@ -267,7 +269,7 @@ fn token_volume(settings: &InjectionSettings) -> Value {
 }
 
 fn state_volume() -> Value {
-    json!({"name": STATE_VOLUME, "emptyDir": {"sizeLimit": "16Mi"}})
+    json!({"name": STATE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
 }
 
 #[cfg(test)]
