@@ -122,18 +122,12 @@ fn key_of(
             });
         }
     };
+    // `stringData` is write-only: the API server answers with `data` alone.
     let bytes = secret
         .data
         .as_ref()
         .and_then(|d| d.get(key))
         .map(|b| b.0.clone())
-        .or_else(|| {
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(key))
-                .map(|s| s.clone().into_bytes())
-        })
         .ok_or_else(|| KeyError::NoKey {
             namespace: namespace.clone(),
             name: name.clone(),

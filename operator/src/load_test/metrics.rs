@@ -58,19 +58,28 @@ impl LoadTestMetrics {
                 "The guard: 0 running, 1 holding at maxLoad, 2 aborted at criticalLoad",
             )?,
         };
-        for c in [
-            &metrics.requests,
-            &metrics.failures,
-            &metrics.active_users,
-            &metrics.violations,
-            &metrics.guard,
-        ] {
+        let (ints, floats) = metrics.families();
+        for c in ints {
             registry.register(Box::new(c.clone()))?;
         }
-        for g in [&metrics.rps, &metrics.p99] {
+        for g in floats {
             registry.register(Box::new(g.clone()))?;
         }
         Ok(metrics)
+    }
+
+    /// Every family, integer and float: the one list register, remove and clear use.
+    fn families(&self) -> ([&IntGaugeVec; 5], [&GaugeVec; 2]) {
+        (
+            [
+                &self.requests,
+                &self.failures,
+                &self.active_users,
+                &self.violations,
+                &self.guard,
+            ],
+            [&self.rps, &self.p99],
+        )
     }
 
     /// Sets the test's series from `run`.
@@ -104,32 +113,22 @@ impl LoadTestMetrics {
     /// Drops the test's series.
     pub fn remove(&self, (namespace, name): &TestKey) {
         let labels = [namespace.as_str(), name.as_str()];
-        for c in [
-            &self.requests,
-            &self.failures,
-            &self.active_users,
-            &self.violations,
-            &self.guard,
-        ] {
+        let (ints, floats) = self.families();
+        for c in ints {
             let _ = c.remove_label_values(&labels);
         }
-        for g in [&self.rps, &self.p99] {
+        for g in floats {
             let _ = g.remove_label_values(&labels);
         }
     }
 
     /// Drops every test's series.
     pub fn clear(&self) {
-        for c in [
-            &self.requests,
-            &self.failures,
-            &self.active_users,
-            &self.violations,
-            &self.guard,
-        ] {
+        let (ints, floats) = self.families();
+        for c in ints {
             c.reset();
         }
-        for g in [&self.rps, &self.p99] {
+        for g in floats {
             g.reset();
         }
     }

@@ -355,11 +355,13 @@ pub fn owned_by(owners: Option<&Vec<OwnerReference>>, test: &LoadTest) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
 
-    fn test_object() -> LoadTest {
+    /// A valid LoadTest `load/shop` with 3 runners, for this module's tests and its
+    /// neighbours'.
+    pub(in crate::load_test) fn test_object() -> LoadTest {
         let mut test: LoadTest = serde_json::from_value(serde_json::json!({
             "apiVersion": "trimtab.dev/v1alpha1",
             "kind": "LoadTest",

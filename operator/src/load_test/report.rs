@@ -285,17 +285,7 @@ mod tests {
 
     #[test]
     fn a_report_too_large_for_a_config_map_leaves_out_per_state_detail() {
-        let test: LoadTest = serde_json::from_value(serde_json::json!({
-            "apiVersion": "trimtab.dev/v1alpha1",
-            "kind": "LoadTest",
-            "metadata": {"name": "big", "namespace": "load", "uid": "u-1"},
-            "spec": {
-                "target": {"url": "http://127.0.0.1:8080"},
-                "workload": {"users": 1, "duration": "1s"},
-                "scenario": {"start": "a", "states": [{"name": "a", "request": {"path": "/"}}]},
-            },
-        }))
-        .expect("a LoadTest");
+        let test = objects::tests::test_object();
         // Wide histograms in many states: several MB as JSON.
         let mut results = Results::default();
         for s in 0..trimtab_api::load_test::MAX_STATES {
