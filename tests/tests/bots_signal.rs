@@ -172,8 +172,8 @@ impl FakeOperator {
         {
             let (state, stop) = (state.clone(), stop.clone());
             std::thread::spawn(move || {
-                // Until the test ends, and two minutes at most.
-                let until = Instant::now() + Duration::from_secs(120);
+                // Until the test ends, and five minutes at most.
+                let until = Instant::now() + Duration::from_secs(300);
                 while !stop.load(SeqCst) && Instant::now() < until {
                     match listener.accept() {
                         Ok((stream, _)) => {
@@ -314,14 +314,20 @@ fn write_spec(dir: &Path, duration: &str) -> PathBuf {
     file
 }
 
-/// `trimtab-bots run` against `target`, writing its results to `json`.
+/// The `trimtab-bots` binary, built first if need be. Each test asks for it before it
+/// starts anything with a time limit: on a fresh clone that build takes minutes.
+fn bots_binary() -> PathBuf {
+    workspace_binary("trimtab-sidecar", "trimtab-bots").expect("trimtab-bots")
+}
+
+/// `bots run` against `target`, writing its results to `json`.
 fn start_bots(
+    bots: &Path,
     spec: &Path,
     target: &Target,
     json: &Path,
     extra: &[String],
 ) -> tokio::process::Child {
-    let bots = workspace_binary("trimtab-sidecar", "trimtab-bots").expect("trimtab-bots");
     tokio::process::Command::new(bots)
         .arg("run")
         .arg(spec)
@@ -382,10 +388,11 @@ fn read_results(path: &Path) -> Results {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_local_run_writes_its_results_and_exits_6() {
+    let bots = bots_binary();
     let dir = tempfile::tempdir().expect("temp dir");
     let target = Target::start().await;
     let json = dir.path().join("results.json");
-    let child = start_bots(&write_spec(dir.path(), "60s"), &target, &json, &[]);
+    let child = start_bots(&bots, &write_spec(dir.path(), "60s"), &target, &json, &[]);
     let pid = child.id().expect("a pid");
 
     wait_until("20 requests at the target", Duration::from_secs(20), || {
@@ -416,11 +423,13 @@ async fn sigterm_stops_a_local_run_writes_its_results_and_exits_6() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_the_operator_delivers_the_final_results_and_exits_6() {
+    let bots = bots_binary();
     let dir = tempfile::tempdir().expect("temp dir");
     let target = Target::start().await;
     let operator = FakeOperator::start(dir.path());
     let json = dir.path().join("results.json");
     let child = start_bots(
+        &bots,
         &write_spec(dir.path(), "60s"),
         &target,
         &json,
@@ -456,12 +465,14 @@ async fn sigterm_under_the_operator_delivers_the_final_results_and_exits_6() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_exits_at_once_while_the_final_results_are_retried() {
+    let bots = bots_binary();
     let dir = tempfile::tempdir().expect("temp dir");
     let target = Target::start().await;
     let operator = FakeOperator::start(dir.path());
     operator.state().refuse_final = true;
     let json = dir.path().join("results.json");
     let child = start_bots(
+        &bots,
         &write_spec(dir.path(), "60s"),
         &target,
         &json,
@@ -492,11 +503,13 @@ async fn a_second_sigterm_exits_at_once_while_the_final_results_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_abort_during_the_closing_checks_ends_the_run_at_once() {
+    let bots = bots_binary();
     let dir = tempfile::tempdir().expect("temp dir");
     let target = Target::start().await;
     let operator = FakeOperator::start(dir.path());
     let json = dir.path().join("results.json");
     let child = start_bots(
+        &bots,
         &write_spec(dir.path(), "1s"),
         &target,
         &json,
@@ -533,10 +546,11 @@ async fn an_operator_abort_during_the_closing_checks_ends_the_run_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_during_the_closing_checks_ends_a_local_run_at_once() {
+    let bots = bots_binary();
     let dir = tempfile::tempdir().expect("temp dir");
     let target = Target::start().await;
     let json = dir.path().join("results.json");
-    let child = start_bots(&write_spec(dir.path(), "1s"), &target, &json, &[]);
+    let child = start_bots(&bots, &write_spec(dir.path(), "1s"), &target, &json, &[]);
     let pid = child.id().expect("a pid");
 
     wait_until("the closing check", Duration::from_secs(20), || {
