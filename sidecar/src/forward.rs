@@ -13,27 +13,25 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
-    header::{self, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, UPGRADE},
+    header::{self, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, Entry, HOST, UPGRADE},
     request::Parts,
-    uri::{self, PathAndQuery, Scheme},
+    uri::PathAndQuery,
 };
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioIo,
-};
+use hyper_util::rt::TokioIo;
 use rand::{SeedableRng, rngs::SmallRng};
 use trimtab_api::balancer_policy::MetricsSource;
 
 use crate::{
     balancer::weights::{ORCA_HEADER, parse_orca},
+    http_client::{ClientError, ConnectionPool, PooledBody},
     outlier::Outcome,
     retry::{self, Failure},
     route::{Endpoint, NoEndpoint, RouteRuntime, now_ms},
@@ -46,23 +44,31 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// The body type of every request and response the proxy sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// The pooled keep-alive HTTP/1.1 client to the endpoints.
-pub type HttpClient = Client<HttpConnector, ProxyBody>;
+/// Keep-alive HTTP/1.1 connections to one endpoint.
+pub type EndpointPool = ConnectionPool<ProxyBody>;
+
+/// An endpoint's response, whose connection returns to the pool when the body ends.
+type EndpointResponse = Response<PooledBody<ProxyBody>>;
+
+/// Idle keep-alive connections kept per endpoint (nginx's `keepalive` directive); more
+/// are closed as their responses end.
+pub const MAX_IDLE_PER_ENDPOINT: usize = 1024;
 
 /// Request bodies up to this size are buffered so that the request can be retried;
 /// larger or chunked bodies stream through and are sent once (Envoy's
 /// `per_request_buffer_limit_bytes` plays the same role).
 pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the obsolete `Proxy-Connection` and
-/// `Keep-Alive` that clients still send): they describe one connection and must not
-/// be forwarded. Headers named in `Connection` are removed too.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 const HOP_BY_HOP_COUNT: usize = 7;
-const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the obsolete `Proxy-Connection` and
+/// `Keep-Alive` that clients still send): they describe one connection and must not
+/// be forwarded. Headers named in `Connection` are removed too. A `static`, not a
+/// `const`: every use of a `const` array built and dropped its seven names.
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -71,11 +77,6 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::TRANSFER_ENCODING,
     UPGRADE,
 ];
-
-/// A pooled client whose connects give up after `connect_timeout`.
-pub fn client(connect_timeout: Duration) -> HttpClient {
-    crate::http_client::pooled(connect_timeout)
-}
 
 /// The client end of one accepted connection. The header values that name it are
 /// formatted once per connection: formatting them per request was a measurable share of
@@ -235,7 +236,7 @@ impl RequestBody {
 
 enum Attempted {
     Response {
-        response: Response<Incoming>,
+        response: EndpointResponse,
         load: LoadGuard,
     },
     Failed(Response<ProxyBody>),
@@ -279,9 +280,12 @@ async fn attempt_all(
         last_tried.store(index, Ordering::Relaxed);
         let endpoint = Arc::clone(&route.endpoints[index]);
         let load = LoadGuard::new(Arc::clone(&endpoint));
-        let request = upstream_request(parts, &endpoint, body.take());
+        let request = upstream_request(parts, body.take());
         let started = Instant::now();
-        let result = route.client.request(request).await;
+        let result = endpoint
+            .pool
+            .send(request, route.config.timeouts.connect.get())
+            .await;
         let elapsed = started.elapsed();
         let failure = match result {
             Ok(response) => {
@@ -372,20 +376,14 @@ fn may_retry(route: &RouteRuntime, body: &RequestBody, retries: u32, failure: Fa
 }
 
 /// Which retry condition a transport error is.
-fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
-    if error.is_connect() {
-        let mut source: Option<&(dyn StdError + 'static)> = error.source();
-        while let Some(e) = source {
-            if let Some(io) = e.downcast_ref::<std::io::Error>()
-                && io.kind() == std::io::ErrorKind::TimedOut
-            {
-                return Failure::ConnectTimeout;
-            }
-            source = e.source();
+fn classify(error: &ClientError) -> Failure {
+    match error {
+        ClientError::ConnectTimeout { .. } => Failure::ConnectTimeout,
+        ClientError::Connect { error, .. } if error.kind() == std::io::ErrorKind::TimedOut => {
+            Failure::ConnectTimeout
         }
-        Failure::ConnectFailure
-    } else {
-        Failure::Reset
+        ClientError::Connect { .. } => Failure::ConnectFailure,
+        ClientError::Exchange(_) => Failure::Reset,
     }
 }
 
@@ -413,28 +411,20 @@ fn describe(error: &dyn StdError) -> String {
     text
 }
 
-fn upstream_request(parts: &Parts, endpoint: &Endpoint, body: ProxyBody) -> Request<ProxyBody> {
-    // Parts already parsed are reused: building the URI from text parsed the path again.
-    let mut uri = uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(endpoint.authority.clone());
-    uri.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    // A scheme, an authority and a path always form a valid absolute URI.
-    let uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+/// The request to an endpoint, in origin form; the endpoint's pool adds its address as
+/// `Host` when the request has none.
+fn upstream_request(parts: &Parts, body: ProxyBody) -> Request<ProxyBody> {
+    // The parsed path is reused: building the URI from text parsed it again.
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = uri;
+    *request.uri_mut() = Uri::from(path);
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = parts.headers.clone();
-    if !request.headers().contains_key(HOST) {
-        request.headers_mut().insert(HOST, endpoint.host.clone());
-    }
     request
 }
 
@@ -454,34 +444,40 @@ fn prepare_request_headers(parts: &mut Parts, peer: &Peer, upgrade: Option<Heade
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(UPGRADE, upgrade);
     }
-    let forwarded_for = match parts
+    // Each header is looked up once, through its entry: every lookup hashes the name.
+    match parts.headers.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut existing) => {
+            let appended = existing.get().to_str().ok().map_or_else(
+                || Some(peer.forwarded_ip.clone()),
+                |list| {
+                    HeaderValue::from_str(&join_list(
+                        list,
+                        peer.forwarded_ip.to_str().unwrap_or("unknown"),
+                    ))
+                    .ok()
+                },
+            );
+            if let Some(value) = appended {
+                existing.insert(value);
+            }
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(peer.forwarded_ip.clone());
+        }
+    }
+    parts
         .headers
-        .get(X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(existing) => HeaderValue::from_str(&join_list(
-            existing,
-            peer.forwarded_ip.to_str().unwrap_or("unknown"),
-        ))
-        .ok(),
-        None => Some(peer.forwarded_ip.clone()),
-    };
-    if let Some(v) = forwarded_for {
-        parts.headers.insert(X_FORWARDED_FOR, v);
-    }
-    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
+        .entry(X_FORWARDED_PROTO)
+        .or_insert(HeaderValue::from_static("http"));
     let host = original_host.as_ref().and_then(|h| h.to_str().ok());
     let mut forwarded =
         String::with_capacity(peer.forwarded_node.len() + host.map_or(0, |h| h.len() + 8) + 11);
     forwarded.push_str(&peer.forwarded_node);
     if let (Some(value), Some(host)) = (&original_host, host) {
-        if !parts.headers.contains_key(X_FORWARDED_HOST) {
-            parts.headers.insert(X_FORWARDED_HOST, value.clone());
-        }
+        parts
+            .headers
+            .entry(X_FORWARDED_HOST)
+            .or_insert_with(|| value.clone());
         forwarded.push_str(";host=\"");
         if host.contains(['"', '\\']) {
             forwarded.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
@@ -493,22 +489,27 @@ fn prepare_request_headers(parts: &mut Parts, peer: &Peer, upgrade: Option<Heade
             // A Host of `127.0.0.1:15001` names the sidecar and means nothing to the
             // backend: without a Host, each attempt sends its endpoint's address.
             parts.headers.remove(HOST);
-        } else if !parts.headers.contains_key(HOST) {
+        } else {
             // HTTP/2 carries the host in :authority; HTTP/1.1 upstream needs Host.
-            parts.headers.insert(HOST, value.clone());
+            parts.headers.entry(HOST).or_insert_with(|| value.clone());
         }
     }
     forwarded.push_str(";proto=http");
-    let combined = match parts
-        .headers
-        .get(header::FORWARDED)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(existing) => join_list(existing, &forwarded),
-        None => forwarded,
-    };
-    if let Ok(v) = HeaderValue::from_str(&combined) {
-        parts.headers.insert(header::FORWARDED, v);
+    match parts.headers.entry(header::FORWARDED) {
+        Entry::Occupied(mut existing) => {
+            let combined = match existing.get().to_str() {
+                Ok(list) => join_list(list, &forwarded),
+                Err(_) => forwarded,
+            };
+            if let Ok(value) = HeaderValue::from_str(&combined) {
+                existing.insert(value);
+            }
+        }
+        Entry::Vacant(slot) => {
+            if let Ok(value) = HeaderValue::from_str(&forwarded) {
+                slot.insert(value);
+            }
+        }
     }
 }
 
@@ -552,13 +553,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     if present[0] {
         // `HOP_BY_HOP[0]` is `Connection`; the hop-by-hop names it lists go below anyway.
+        // They are the usual tokens (`keep-alive`, `close`, `upgrade`), so they are
+        // skipped by text before a `HeaderName` (an allocation) is made.
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .filter(|name| !HOP_BY_HOP.contains(name))
+            .map(str::trim)
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| h.as_str().eq_ignore_ascii_case(token))
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in &named {
             headers.remove(name);
@@ -586,7 +595,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// The endpoint's response, streamed back with the in-flight accounting attached to
 /// its body; a 101 is spliced into a bidirectional byte pipe.
 fn finish(
-    mut response: Response<Incoming>,
+    mut response: EndpointResponse,
     in_flight: InFlight,
     load: LoadGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -620,7 +629,7 @@ fn finish(
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     let body = Tracked {
-        inner: body.map_err(BoxError::from).boxed_unsync(),
+        inner: body,
         _guards: (in_flight, load),
     };
     Response::from_parts(parts, body.boxed_unsync())
@@ -701,7 +710,7 @@ impl Drop for RetryGuard {
 
 /// A response body that releases its guards when it ends or is dropped.
 struct Tracked {
-    inner: ProxyBody,
+    inner: PooledBody<ProxyBody>,
     _guards: (InFlight, LoadGuard),
 }
 
@@ -713,7 +722,9 @@ impl Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(BoxError::from)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -81,12 +81,7 @@ async fn probe_loop(route: Arc<RouteRuntime>, endpoint: Arc<Endpoint>, cfg: Heal
 }
 
 async fn probe(route: &RouteRuntime, endpoint: &Endpoint, cfg: &HealthCheck) -> bool {
-    let Ok(uri) = Uri::builder()
-        .scheme("http")
-        .authority(endpoint.authority.clone())
-        .path_and_query(cfg.path.as_str())
-        .build()
-    else {
+    let Ok(uri) = Uri::builder().path_and_query(cfg.path.as_str()).build() else {
         return false;
     };
     let Ok(request) = Request::get(uri).body(
@@ -96,7 +91,10 @@ async fn probe(route: &RouteRuntime, endpoint: &Endpoint, cfg: &HealthCheck) -> 
     ) else {
         return false;
     };
-    let response = tokio::time::timeout(cfg.timeout.get(), route.client.request(request)).await;
+    let sent = endpoint
+        .pool
+        .send(request, route.config.timeouts.connect.get());
+    let response = tokio::time::timeout(cfg.timeout.get(), sent).await;
     matches!(response, Ok(Ok(r)) if r.status().is_success() || r.status().is_redirection())
 }
 

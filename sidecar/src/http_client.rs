@@ -1,35 +1,328 @@
-//! The one HTTP client stack of the data plane: the proxy's upstream connections and the
-//! bots' requests come from the same pooled keep-alive hyper-util client setup.
+//! The data plane's HTTP/1.1 client to backends: one keep-alive pool of connections per
+//! address, used by the proxy (a pool per endpoint, kept across config reloads with the
+//! endpoint) and by the bots (a pool for the target).
+//!
+//! Why not hyper-util's legacy `Client`: its pool is keyed by scheme and authority
+//! behind a mutex, and after every response it spawns a task that puts the connection
+//! back once it is ready again. At tens of thousands of requests per second per core
+//! that bookkeeping was the largest user-space cost after hyper's own codec
+//! (docs/benchmarks.md, "Sidecar proxy overhead"). Here a pool belongs to one address,
+//! idle connections wait in a lock-free queue, and a connection goes back the moment
+//! its response body ends. The connections themselves are hyper's
+//! `client::conn::http1`, the layer linkerd2-proxy builds its own pools on.
 
-use std::time::Duration;
-
-use hyper::body::Body;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+use std::{
+    error::Error as StdError,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
-/// Idle pooled connections are closed after this long.
+use bytes::Bytes;
+use crossbeam_queue::SegQueue;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header::HOST, uri::PathAndQuery};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::http1::{self, SendRequest},
+};
+use hyper_util::rt::TokioIo;
+
+/// Idle connections older than this are closed instead of reused (the next request that
+/// finds one, or the pool's end, closes it).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A pooled keep-alive client (TCP_NODELAY) whose connects give up after
-/// `connect_timeout`, for request bodies of type `B`.
-pub fn pooled<B>(connect_timeout: Duration) -> Client<HttpConnector, B>
+/// How many idle connections in a row may turn out closed before a request gives up on
+/// the idle ones and connects afresh.
+const STALE_TRIES: usize = 8;
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The TCP connect did not finish within the connect timeout.
+    #[error("connect to {address} timed out after {timeout:?}")]
+    ConnectTimeout {
+        /// `host:port`.
+        address: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The TCP connect failed (refused, unreachable, name not resolved).
+    #[error("connect to {address} failed: {error}")]
+    Connect {
+        /// `host:port`.
+        address: String,
+        /// The cause.
+        error: std::io::Error,
+    },
+    /// The connection broke while the request or the response head was on the wire.
+    #[error(transparent)]
+    Exchange(hyper::Error),
+}
+
+impl ClientError {
+    /// Whether no connection was made (so the request never left).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::ConnectTimeout { .. } | Self::Connect { .. })
+    }
+}
+
+/// Keep-alive HTTP/1.1 connections to one `host:port`, for request bodies of type `B`.
+pub struct ConnectionPool<B> {
+    address: String,
+    /// The address as a `Host` value, for requests that carry none.
+    host: HeaderValue,
+    idle: SegQueue<Idle<B>>,
+    /// Connections in `idle` (approximately: a push and its count are two steps).
+    idle_count: AtomicUsize,
+    max_idle: usize,
+}
+
+impl<B> std::fmt::Debug for ConnectionPool<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionPool")
+            .field("address", &self.address)
+            .field("idle", &self.idle_count.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+struct Idle<B> {
+    sender: SendRequest<B>,
+    since: Instant,
+}
+
+impl<B> ConnectionPool<B>
 where
-    B: Body + Send,
+    B: Body + Send + 'static,
     B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .build(connector)
+    /// A pool for `address` (`host:port`, a name or an IP literal) that keeps at most
+    /// `max_idle` idle connections; more are closed when their response ends.
+    pub fn new(address: &str, max_idle: usize) -> Arc<Self> {
+        Arc::new(Self {
+            host: HeaderValue::from_str(address)
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            address: address.to_owned(),
+            idle: SegQueue::new(),
+            idle_count: AtomicUsize::new(0),
+            max_idle,
+        })
+    }
+
+    /// `host:port`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Sends `request` on an idle connection, or on a new one when none is idle
+    /// (connecting within `connect_timeout`; zero waits as long as the kernel does).
+    /// The URI is sent in origin form, and `Host` is set to the address when missing.
+    /// The connection returns to the pool when the response body ends; a body dropped
+    /// before its end closes it.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut request: Request<B>,
+        connect_timeout: Duration,
+    ) -> Result<Response<PooledBody<B>>, ClientError> {
+        to_origin_form(&mut request);
+        if !request.headers().contains_key(HOST) {
+            request.headers_mut().insert(HOST, self.host.clone());
+        }
+        let mut stale = 0;
+        loop {
+            let (mut sender, reused) = match self.checkout(stale < STALE_TRIES) {
+                Some(sender) => (sender, true),
+                None => (self.connect(connect_timeout).await?, false),
+            };
+            // A reused connection the server closed meanwhile fails here or in
+            // `try_send_request` before the request is written: it moves on.
+            if let Err(error) = sender.ready().await {
+                if reused {
+                    stale += 1;
+                    continue;
+                }
+                return Err(ClientError::Exchange(error));
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.lease(response, sender)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        request = unsent;
+                        stale += 1;
+                    }
+                    _ => return Err(ClientError::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// The oldest idle connection still open and not expired, if `reuse`.
+    fn checkout(&self, reuse: bool) -> Option<SendRequest<B>> {
+        if !reuse {
+            return None;
+        }
+        while let Some(idle) = self.idle.pop() {
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
+            if !idle.sender.is_closed() && idle.since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(idle.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, timeout: Duration) -> Result<SendRequest<B>, ClientError> {
+        let connecting = tokio::net::TcpStream::connect(self.address.as_str());
+        let connected = if timeout.is_zero() {
+            connecting.await
+        } else {
+            tokio::time::timeout(timeout, connecting)
+                .await
+                .map_err(|_| ClientError::ConnectTimeout {
+                    address: self.address.clone(),
+                    timeout,
+                })?
+        };
+        let stream = connected.map_err(|error| ClientError::Connect {
+            address: self.address.clone(),
+            error,
+        })?;
+        // Small requests and responses are the common case: no Nagle delay.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ClientError::Exchange)?;
+        let address = self.address.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(%address, error = %e, "backend connection closed");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn lease(
+        self: &Arc<Self>,
+        response: Response<Incoming>,
+        sender: SendRequest<B>,
+    ) -> Response<PooledBody<B>> {
+        // After a 101 the connection belongs to the upgrade.
+        let lease = (response.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease {
+            sender,
+            pool: Arc::clone(self),
+        });
+        response.map(|inner| {
+            let mut body = PooledBody { inner, lease };
+            if body.inner.is_end_stream() {
+                // No body (HEAD, 204, 304, `content-length: 0`): free at once, as
+                // nothing may ever poll it.
+                body.release();
+            }
+            body
+        })
+    }
+
+    fn put_back(&self, sender: SendRequest<B>) {
+        if sender.is_closed() {
+            return;
+        }
+        if self.idle_count.fetch_add(1, Ordering::Relaxed) >= self.max_idle {
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        self.idle.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// A request's URI as HTTP/1.1 sends it to an origin server: path and query only.
+fn to_origin_form<B>(request: &mut Request<B>) {
+    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *request.uri_mut() = Uri::from(path);
+    }
+}
+
+struct Lease<B> {
+    sender: SendRequest<B>,
+    pool: Arc<ConnectionPool<B>>,
+}
+
+/// A response body from a pooled connection: the connection goes back to its pool when
+/// the body ends.
+pub struct PooledBody<B> {
+    inner: Incoming,
+    lease: Option<Lease<B>>,
+}
+
+impl<B> std::fmt::Debug for PooledBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> PooledBody<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    fn release(&mut self) {
+        if let Some(Lease { sender, pool }) = self.lease.take() {
+            pool.put_back(sender);
+        }
+    }
+}
+
+impl<B> Body for PooledBody<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            // A connection that broke mid-body is not reused.
+            Poll::Ready(Some(Err(_))) => self.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// An HTTP client error and its causes, `: `-joined: hyper's top-level message alone
 /// ("client error (Connect)") does not say what went wrong.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
+pub fn error_chain(error: &dyn StdError) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -38,4 +331,124 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, net::SocketAddr};
+
+    use http_body_util::{BodyExt, Empty, Full};
+    use hyper::{server::conn::http1 as server, service::service_fn};
+
+    use super::*;
+
+    /// A backend on 127.0.0.1 that answers each request with its URI and Host, closes
+    /// each connection after one response when `close` is set, and counts connections.
+    async fn backend(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let address = listener.local_addr().expect("local address");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    let host = request
+                        .headers()
+                        .get(HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned();
+                    let text = format!("{} {host}", request.uri());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                });
+                tokio::spawn(
+                    server::Builder::new()
+                        .keep_alive(!close)
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (address, accepted)
+    }
+
+    fn get(uri: &str) -> Request<Empty<Bytes>> {
+        Request::get(uri).body(Empty::new()).expect("a request")
+    }
+
+    async fn text(response: Response<PooledBody<Empty<Bytes>>>) -> String {
+        let body = response.into_body().collect().await.expect("a body");
+        String::from_utf8(body.to_bytes().to_vec()).expect("utf-8")
+    }
+
+    const CONNECT: Duration = Duration::from_secs(2);
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_connection_in_origin_form_with_a_host() {
+        let (address, accepted) = backend(false).await;
+        let pool = ConnectionPool::new(&address.to_string(), 8);
+        for path in ["/a", "/b?x=1", "/c"] {
+            let uri = format!("http://{address}{path}");
+            let response = pool.send(get(&uri), CONNECT).await.expect("a response");
+            assert_eq!(text(response).await, format!("{path} {address}"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.idle_count.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_the_server_closed_are_skipped_not_failed() {
+        let (address, accepted) = backend(true).await;
+        let pool = ConnectionPool::new(&address.to_string(), 8);
+        for _ in 0..5 {
+            let response = pool.send(get("/"), CONNECT).await.expect("a response");
+            assert_eq!(response.status(), StatusCode::OK);
+            text(response).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_beyond_the_limit_are_closed() {
+        let (address, accepted) = backend(false).await;
+        let pool = ConnectionPool::new(&address.to_string(), 1);
+        // Three responses held at once need three connections ...
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(pool.send(get("/"), CONNECT).await.expect("a response"));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        for response in held {
+            text(response).await;
+        }
+        // ... of which one stays.
+        assert_eq!(pool.idle_count.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_does_not_return_the_connection() {
+        let (address, accepted) = backend(false).await;
+        let pool = ConnectionPool::new(&address.to_string(), 8);
+        drop(pool.send(get("/"), CONNECT).await.expect("a response"));
+        assert_eq!(pool.idle_count.load(Ordering::SeqCst), 0);
+        text(pool.send(get("/"), CONNECT).await.expect("a response")).await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_a_connect_error_naming_the_address() {
+        // Bound and dropped: nothing listens there now.
+        let address = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a loopback port");
+        let pool = ConnectionPool::new(&address.to_string(), 8);
+        let error = pool
+            .send(get("/"), CONNECT)
+            .await
+            .expect_err("nothing listens");
+        assert!(error.is_connect(), "{error:?}");
+        assert!(error.to_string().contains(&address.to_string()), "{error}");
+    }
 }

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{HeaderValue, uri::Authority};
+use http::uri::Authority;
 use rand::Rng;
 use trimtab_api::{
     balancer_policy::{Algorithm, EndpointState},
@@ -21,7 +21,7 @@ use trimtab_api::{
 
 use crate::{
     balancer::{Balance, Balancer, EndpointLoad, Target, weights::LoadReport},
-    forward::HttpClient,
+    forward::{EndpointPool, MAX_IDLE_PER_ENDPOINT},
     metrics::{EndpointMetrics, Metrics, RouteMetrics},
     outlier::{self, OutlierState},
 };
@@ -38,10 +38,8 @@ pub fn now_ms() -> u64 {
 pub struct Endpoint {
     /// `host:port`.
     pub address: String,
-    /// The address as a URI authority, for the upstream request.
-    pub authority: Authority,
-    /// The address as a `Host` header value, for requests whose Host named the sidecar.
-    pub host: HeaderValue,
+    /// Keep-alive connections to it, kept across reloads with the endpoint.
+    pub pool: Arc<EndpointPool>,
     /// Load signals the balancer reads.
     pub load: EndpointLoad,
     /// Passive health.
@@ -105,12 +103,11 @@ impl Endpoint {
         joined: Option<Instant>,
         metrics: &Metrics,
     ) -> Option<Self> {
+        // A URI authority is also a valid `Host` value.
         let authority: Authority = config.address.parse().ok()?;
-        let host = HeaderValue::from_str(authority.as_str()).ok()?;
         Some(Self {
             address: config.address.clone(),
-            authority,
-            host,
+            pool: EndpointPool::new(authority.as_str(), MAX_IDLE_PER_ENDPOINT),
             load: EndpointLoad::new_at(config.weight, origin),
             outlier: OutlierState::default(),
             healthy: AtomicBool::new(true),
@@ -322,8 +319,6 @@ pub struct RouteRuntime {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// The strategy.
     pub balancer: Balancer,
-    /// The pooled client for this route's connect timeout.
-    pub client: HttpClient,
     /// Requests in flight.
     pub active: AtomicU64,
     /// Retries in flight (the retry budget's numerator).
@@ -339,12 +334,7 @@ pub struct RouteRuntime {
 impl RouteRuntime {
     /// Builds the runtime of `config`, reusing the state of endpoints that `previous`
     /// (the same listener's route in the running config) already had.
-    pub fn build(
-        config: Route,
-        previous: Option<&RouteRuntime>,
-        client: HttpClient,
-        metrics: &Metrics,
-    ) -> Self {
+    pub fn build(config: Route, previous: Option<&RouteRuntime>, metrics: &Metrics) -> Self {
         let id = config.id();
         let origin = previous.map_or_else(Instant::now, |p| p.built);
         let now = Instant::now();
@@ -376,7 +366,6 @@ impl RouteRuntime {
             metrics: metrics.route(&id),
             id,
             endpoints,
-            client,
             active: AtomicU64::new(0),
             active_retries: AtomicU64::new(0),
             retired: AtomicBool::new(false),
@@ -479,7 +468,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::{balancer::test_support::seeded, forward};
+    use crate::balancer::test_support::seeded;
 
     fn config(addresses: &[&str]) -> Route {
         Route {
@@ -511,12 +500,7 @@ mod tests {
     }
 
     fn build(route: Route, previous: Option<&RouteRuntime>, metrics: &Metrics) -> RouteRuntime {
-        RouteRuntime::build(
-            route,
-            previous,
-            forward::client(Duration::from_secs(1)),
-            metrics,
-        )
+        RouteRuntime::build(route, previous, metrics)
     }
 
     #[test]

@@ -33,8 +33,7 @@ use trimtab_api::sidecar_config::{ConfigError, SidecarConfig};
 
 use crate::{
     config_source::StateDir,
-    forward::{self, HttpClient},
-    health,
+    forward, health,
     llm_gateway::{self, GatewayError, LlmGateway, LlmMetrics, ProviderClient},
     metrics::{Metrics, MetricsError},
     route::RouteRuntime,
@@ -136,7 +135,6 @@ struct ListenerHandle {
 #[derive(Default)]
 struct Reloading {
     listeners: HashMap<u16, ListenerHandle>,
-    clients: HashMap<Duration, HttpClient>,
     provider_clients: HashMap<Duration, ProviderClient>,
     llm_metrics: Option<LlmMetrics>,
 }
@@ -298,19 +296,8 @@ impl Sidecar {
         }
         let mut routes = HashMap::new();
         for route in &config.routes {
-            let connect = route.timeouts.connect.get();
-            let client = reloading
-                .clients
-                .entry(connect)
-                .or_insert_with(|| forward::client(connect))
-                .clone();
             let previous = old.routes.get(&route.listener.port).map(|r| &**r);
-            let runtime = Arc::new(RouteRuntime::build(
-                route.clone(),
-                previous,
-                client,
-                metrics,
-            ));
+            let runtime = Arc::new(RouteRuntime::build(route.clone(), previous, metrics));
             routes.insert(route.listener.port, runtime);
         }
         let version = config.version;

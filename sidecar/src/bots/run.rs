@@ -12,7 +12,7 @@ use trimtab_api::load_test::LoadTestSpec;
 use super::{
     gate::Gate,
     guard::{self, Guard, GuardEvent, GuardState},
-    http::client,
+    http::BotClient,
     invariants,
     recorder::Recorder,
     results::Results,
@@ -90,7 +90,7 @@ pub struct Compiled {
     scenario: CompiledScenario,
     invariants: Vec<CompiledInvariant>,
     plan: Plan,
-    target: String,
+    target: TargetUrl,
     duration: Duration,
     guard: Option<(Guard, Duration)>,
     notes: Vec<String>,
@@ -101,12 +101,13 @@ impl Compiled {
     pub fn new(spec: &LoadTestSpec, options: &RunOptions) -> Result<Self, RunError> {
         let (scenario, invariants) = CompiledScenario::compile(&spec.scenario, &spec.invariants)?;
         let plan = Plan::for_shard(&spec.workload, options.shard)?;
-        let target = options
-            .target
-            .clone()
-            .unwrap_or_else(|| spec.target.url.clone())
-            .trim_end_matches('/')
-            .to_owned();
+        let target = TargetUrl::parse(
+            options
+                .target
+                .as_deref()
+                .unwrap_or(&spec.target.url)
+                .trim_end_matches('/'),
+        )?;
         let duration = options.duration.unwrap_or(spec.workload.duration.get());
         let mut notes = Vec::new();
         let local_guards = spec.guards.as_ref().filter(|_| options.local_guard);
@@ -152,7 +153,7 @@ impl Compiled {
 
     /// Checks that the target accepts connections (a TCP connect).
     pub async fn probe(&self, timeout: Duration) -> Result<(), RunError> {
-        probe(&self.target, timeout).await
+        self.target.probe(timeout).await
     }
 }
 
@@ -214,8 +215,12 @@ impl Run {
         let start = Instant::now();
         let shared = Arc::new(Shared {
             scenario: compiled.scenario,
-            client: client(options.connect_timeout),
-            base: compiled.target,
+            client: BotClient::new(
+                &compiled.target.authority,
+                &compiled.target.address,
+                options.connect_timeout,
+            ),
+            base: compiled.target.url,
             recorder,
             seed: options.seed,
             deadline: start + compiled.duration,
@@ -291,28 +296,96 @@ pub async fn run(spec: &LoadTestSpec, options: &RunOptions) -> Result<RunOutput,
     Ok(Run::start(compiled, options).await?.finish().await)
 }
 
-/// A TCP connect to the target's host and port.
-async fn probe(url: &str, timeout: Duration) -> Result<(), RunError> {
-    let bad = || RunError::TargetUrl {
-        url: url.to_owned(),
-    };
-    let uri: Uri = url.parse().map_err(|_| bad())?;
-    if uri.scheme_str() != Some("http") {
-        // The client is plain HTTP/1.1; TLS targets go through the sidecar.
-        return Err(bad());
+/// The target URL, checked before any traffic: `http://HOST[:PORT][/PREFIX]`.
+#[derive(Debug)]
+struct TargetUrl {
+    /// Without a trailing `/`: paths are appended to it.
+    url: String,
+    /// `host[:port]` as the URL spells it.
+    authority: String,
+    /// `host:port`, what the connections go to.
+    address: String,
+}
+
+impl TargetUrl {
+    fn parse(url: &str) -> Result<Self, RunError> {
+        let bad = || RunError::TargetUrl {
+            url: url.to_owned(),
+        };
+        let uri: Uri = url.parse().map_err(|_| bad())?;
+        if uri.scheme_str() != Some("http") {
+            // The client is plain HTTP/1.1; TLS targets go through the sidecar.
+            return Err(bad());
+        }
+        let authority = uri.authority().ok_or_else(bad)?;
+        if authority.host().is_empty() || authority.as_str().contains('@') {
+            return Err(bad());
+        }
+        // `host()` keeps an IPv6 literal's brackets, as `host:port` needs them.
+        let address = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
+        Ok(Self {
+            url: url.to_owned(),
+            authority: authority.as_str().to_owned(),
+            address,
+        })
     }
-    let host = uri.host().ok_or_else(bad)?;
-    let port = uri.port_u16().unwrap_or(80);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(RunError::Unreachable {
-            url: url.to_owned(),
-            message: e.to_string(),
-        }),
-        Err(_) => Err(RunError::Unreachable {
-            url: url.to_owned(),
-            message: format!("no connection within {timeout:?}"),
-        }),
+
+    /// A TCP connect to the target's host and port.
+    async fn probe(&self, timeout: Duration) -> Result<(), RunError> {
+        let unreachable = |message: String| RunError::Unreachable {
+            url: self.url.clone(),
+            message,
+        };
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&*self.address)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(unreachable(e.to_string())),
+            Err(_) => Err(unreachable(format!("no connection within {timeout:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_url_gives_the_address_the_connections_go_to() {
+        let cases = [
+            ("http://shop", "shop", "shop:80"),
+            (
+                "http://127.0.0.1:18081/api",
+                "127.0.0.1:18081",
+                "127.0.0.1:18081",
+            ),
+            ("http://[::1]:8080", "[::1]:8080", "[::1]:8080"),
+        ];
+        for (url, authority, address) in cases {
+            let target = TargetUrl::parse(url).expect(url);
+            assert_eq!(
+                (target.authority.as_str(), target.address.as_str()),
+                (authority, address),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_target_url_that_is_not_plain_http_to_a_host_is_refused() {
+        for url in [
+            "https://shop",
+            "shop:80",
+            "http://user@shop",
+            "/relative",
+            "http://",
+        ] {
+            assert!(
+                matches!(TargetUrl::parse(url), Err(RunError::TargetUrl { .. })),
+                "{url}"
+            );
+        }
     }
 }

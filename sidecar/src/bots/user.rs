@@ -275,7 +275,9 @@ impl User {
                 let kind = match e {
                     SendError::Connect { .. } => FailureKind::Connect,
                     SendError::Timeout { .. } => FailureKind::Timeout,
-                    SendError::Uri { .. } | SendError::Transport { .. } => FailureKind::Transport,
+                    SendError::Uri { .. }
+                    | SendError::OtherHost { .. }
+                    | SendError::Transport { .. } => FailureKind::Transport,
                 };
                 self.fail(
                     shared,
