@@ -482,6 +482,8 @@ struct Scrape {
     reconcile_errors: f64,
     duration_sum: f64,
     duration_count: f64,
+    write_sum: f64,
+    write_count: f64,
     cpu_seconds: f64,
 }
 
@@ -503,6 +505,11 @@ async fn scrape(operator: &OperatorProcess) -> Scrape {
         reconcile_errors: metric_sum(&text, "trimtab_operator_reconcile_errors_total"),
         duration_sum: metric_sum(&text, "trimtab_operator_reconcile_duration_seconds_sum"),
         duration_count: metric_sum(&text, "trimtab_operator_reconcile_duration_seconds_count"),
+        write_sum: metric_sum(&text, "trimtab_operator_status_write_duration_seconds_sum"),
+        write_count: metric_sum(
+            &text,
+            "trimtab_operator_status_write_duration_seconds_count",
+        ),
         cpu_seconds: operator.cpu_seconds(),
     }
 }
@@ -894,17 +901,23 @@ async fn main() {
         acc
     });
 
+    let mean_ms = |sum: f64, count: f64| {
+        if count > 0.0 {
+            sum / count * 1000.0
+        } else {
+            f64::NAN
+        }
+    };
     let rate = |a: &Scrape, b: &Scrape| {
         let secs = match (a.at, b.at) {
             (Some(x), Some(y)) => y.duration_since(x).as_secs_f64(),
             _ => 0.0,
         };
         let n = b.reconciles - a.reconciles;
-        let mean_ms = if b.duration_count > a.duration_count {
-            (b.duration_sum - a.duration_sum) / (b.duration_count - a.duration_count) * 1000.0
-        } else {
-            f64::NAN
-        };
+        let mean_ms = mean_ms(
+            b.duration_sum - a.duration_sum,
+            b.duration_count - a.duration_count,
+        );
         let cpu = if secs > 0.0 {
             (b.cpu_seconds - a.cpu_seconds) / secs
         } else {
@@ -984,9 +997,9 @@ async fn main() {
     println!("## Reconciles (operator /metrics)");
     println!();
     println!(
-        "| span | seconds | reconciles | per second | mean reconcile ms | errors | operator CPU (cores) |"
+        "| span | seconds | reconciles | per second | mean reconcile ms | errors | status writes sent | mean write ms | operator CPU (cores) |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (name, a, b) in [
         (
             "policies created → every subscriber's first config",
@@ -996,9 +1009,11 @@ async fn main() {
         ("steady state, 10 s", &steady_from, &steady_to),
         ("load reports and propagation", &sampling_from, &sampling_to),
     ] {
-        let (secs, n, per_s, mean_ms, errors, cpu) = rate(a, b);
+        let (secs, n, per_s, mean_reconcile_ms, errors, cpu) = rate(a, b);
+        let writes = b.write_count - a.write_count;
+        let mean_write_ms = mean_ms(b.write_sum - a.write_sum, writes);
         println!(
-            "| {name} | {secs:.1} | {n:.0} | {per_s:.0} | {mean_ms:.1} | {errors:.0} | {cpu:.2} |"
+            "| {name} | {secs:.1} | {n:.0} | {per_s:.0} | {mean_reconcile_ms:.1} | {errors:.0} | {writes:.0} | {mean_write_ms:.1} | {cpu:.2} |"
         );
     }
     let (_, _, steady_rate, ..) = rate(&steady_from, &steady_to);

@@ -397,17 +397,19 @@ pub async fn reconcile(
             "kind": "BalancerPolicy",
             "status": status,
         });
-        Api::<BalancerPolicy>::namespaced(ctx.client.clone(), &namespace)
+        let writing = std::time::Instant::now();
+        let written = Api::<BalancerPolicy>::namespaced(ctx.client.clone(), &namespace)
             .patch_status(
                 &key.1,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&apply),
             )
-            .await
-            .map_err(|source| ReconcileError::Status {
-                policy: format!("{}/{}", key.0, key.1),
-                source,
-            })?;
+            .await;
+        ctx.metrics.observe_status_write(writing.elapsed());
+        written.map_err(|source| ReconcileError::Status {
+            policy: format!("{}/{}", key.0, key.1),
+            source,
+        })?;
     }
 
     ctx.metrics.observe_reconcile(started.elapsed());
