@@ -220,6 +220,7 @@ pub async fn run(
         }
         event
     })
+    .modify(trim)
     .reflect(policies_writer)
     .applied_objects()
     // Our own status writes do not change the generation: they do not retrigger us.
@@ -230,6 +231,7 @@ pub async fn run(
         watcher::Config::default(),
     )
     .default_backoff()
+    .modify(trim)
     .reflect(services_writer)
     .touched_objects();
     let slice_stream = watcher(
@@ -237,10 +239,12 @@ pub async fn run(
         watcher::Config::default().labels(resolve::SERVICE_NAME_LABEL),
     )
     .default_backoff()
+    .modify(trim)
     .reflect(slices_writer)
     .touched_objects();
     let pod_stream = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .default_backoff()
+        .modify(trim)
         .reflect(pods_writer)
         .touched_objects();
 
@@ -315,6 +319,19 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// kubectl's copy of the last applied object, in an annotation.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// What the stores keep of an object: neither its managedFields nor kubectl's copy of
+/// what was last applied, which no reconcile reads and which can double a small object
+/// (with thousands of pods and policies, megabytes of the operator's memory).
+fn trim<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
 }
 
 fn key_of(policy: &BalancerPolicy) -> PolicyKey {
