@@ -6,6 +6,13 @@
 //! utilization is the request-weighted mean of the reports, its rate the sum of theirs.
 //! Only each sidecar's newest report counts, and a report older than [`STALE_AFTER`]
 //! (a sidecar that went away) drops out.
+//!
+//! The controller reads the reports at each policy's `weighting.interval`; a report
+//! that shows a *step* (an endpoint's utilization moved by [`UTILIZATION_STEP`] or
+//! its error rate by [`ERROR_RATE_STEP`] since that sidecar's last report, or a first
+//! report) also asks for the policy's reconcile at once, so that a pod running hot is
+//! relieved within milliseconds rather than up to an interval later. Drift below the
+//! step waits for the interval: a step-triggered reconcile costs a status write.
 
 use std::{
     collections::HashMap,
@@ -13,12 +20,24 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use tokio::sync::mpsc;
 use trimtab_api::sidecar_config::LoadReport;
 
 use crate::{index::PolicyKey, weights::Sample};
 
 /// A report older than this no longer counts.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// A change of an endpoint's reported utilization (CPU ÷ requests) this large is a
+/// step: 10 points of the CPU request.
+pub const UTILIZATION_STEP: f64 = 0.1;
+
+/// A change of an endpoint's reported error rate this large is a step: 5 points.
+pub const ERROR_RATE_STEP: f64 = 0.05;
+
+/// Policies whose load stepped, queued for the controller; when it is full the
+/// policies' next interval picks the reports up.
+const STEP_QUEUE: usize = 1024;
 
 /// The longest window a report may claim: longer ones are clamped, so that one sidecar
 /// cannot make its share of the rate look negligible.
@@ -60,6 +79,19 @@ struct Seen {
     at: SystemTime,
 }
 
+impl Seen {
+    fn error_rate(&self) -> f64 {
+        // Reports with no requests are not kept, see `record`.
+        self.errors as f64 / self.requests.max(1) as f64
+    }
+
+    /// Whether `self`, following `before` from the same sidecar, is a step.
+    fn steps_from(&self, before: &Seen) -> bool {
+        (self.utilization - before.utilization).abs() >= UTILIZATION_STEP
+            || (self.error_rate() - before.error_rate()).abs() >= ERROR_RATE_STEP
+    }
+}
+
 /// `(policy, address)` → reporting pod UID → its newest report.
 type Table = HashMap<(PolicyKey, String), HashMap<String, Seen>>;
 
@@ -68,6 +100,8 @@ type Table = HashMap<(PolicyKey, String), HashMap<String, Seen>>;
 #[derive(Clone, Debug, Default)]
 pub struct LoadReports {
     table: Arc<Mutex<Table>>,
+    /// Where policies whose load stepped go; `None` when nobody reconciles on them.
+    steps: Option<mpsc::Sender<PolicyKey>>,
 }
 
 /// Checks a report before any of it is taken: all or nothing.
@@ -94,8 +128,20 @@ pub fn validate(report: &LoadReport) -> Result<(), ReportError> {
 }
 
 impl LoadReports {
+    /// Reports whose load steps send their policies to the returned receiver, for
+    /// the controller to reconcile at once.
+    pub fn with_steps() -> (Self, mpsc::Receiver<PolicyKey>) {
+        let (sender, receiver) = mpsc::channel(STEP_QUEUE);
+        let reports = Self {
+            table: Arc::default(),
+            steps: Some(sender),
+        };
+        (reports, receiver)
+    }
+
     /// Takes a validated report from the pod `reporter` (its UID) in `namespace`, for
-    /// the policies that pass `allowed`; returns how many entries were taken.
+    /// the policies that pass `allowed`; returns how many entries were taken. The
+    /// policies where the report is a step are sent on (see the module documentation).
     pub fn record(
         &self,
         namespace: &str,
@@ -105,25 +151,39 @@ impl LoadReports {
         allowed: impl Fn(&str) -> bool,
     ) -> usize {
         let window = Duration::from_secs_f64(report.window_seconds).min(MAX_WINDOW);
-        let mut table = self.lock();
+        let mut stepped: Vec<PolicyKey> = Vec::new();
         let mut taken = 0;
-        for e in report
-            .endpoints
-            .iter()
-            .filter(|e| e.requests > 0 && allowed(&e.policy))
         {
-            let key = ((namespace.to_owned(), e.policy.clone()), e.address.clone());
-            table.entry(key).or_default().insert(
-                reporter.to_owned(),
-                Seen {
+            let mut table = self.lock();
+            for e in report
+                .endpoints
+                .iter()
+                .filter(|e| e.requests > 0 && allowed(&e.policy))
+            {
+                let policy = (namespace.to_owned(), e.policy.clone());
+                let seen = Seen {
                     utilization: e.utilization,
                     requests: e.requests,
                     errors: e.errors,
                     window,
                     at,
-                },
-            );
-            taken += 1;
+                };
+                let before = table
+                    .entry((policy.clone(), e.address.clone()))
+                    .or_default()
+                    .insert(reporter.to_owned(), seen.clone());
+                if before.is_none_or(|b| seen.steps_from(&b)) && !stepped.contains(&policy) {
+                    stepped.push(policy);
+                }
+                taken += 1;
+            }
+        }
+        if let Some(steps) = &self.steps {
+            for policy in stepped {
+                if let Err(e) = steps.try_send(policy) {
+                    tracing::debug!(error = %e, "load step not queued; the interval will pick it up");
+                }
+            }
         }
         taken
     }
@@ -247,6 +307,54 @@ mod tests {
                 .samples(&("elsewhere".into(), "web".into()), t0)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn first_reports_and_load_steps_ask_for_a_reconcile_and_drift_does_not() {
+        let (reports, mut steps) = LoadReports::with_steps();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut send = |pod: &str, entries: &[(&str, &str, f64, u64, u64)]| {
+            reports.record("shop", pod, &report(1.0, entries), t0, |_| true);
+            std::iter::from_fn(|| steps.try_recv().ok()).collect::<Vec<_>>()
+        };
+        // First reports step, once per policy however many of its endpoints they name.
+        assert_eq!(
+            send(
+                "pod-a",
+                &[
+                    ("web", "10.0.0.1:80", 0.5, 10, 0),
+                    ("web", "10.0.0.2:80", 0.5, 10, 0),
+                    ("api", "10.0.0.3:80", 0.5, 10, 0)
+                ]
+            ),
+            [key("web"), key("api")]
+        );
+        // Drift below the steps waits for the interval…
+        assert!(send("pod-a", &[("web", "10.0.0.1:80", 0.58, 10, 0)]).is_empty());
+        // …a utilization step or an error-rate step does not, nor does another sidecar's
+        // first report.
+        assert_eq!(
+            send("pod-a", &[("web", "10.0.0.1:80", 0.9, 10, 0)]),
+            [key("web")]
+        );
+        assert_eq!(
+            send("pod-a", &[("web", "10.0.0.1:80", 0.9, 10, 1)]),
+            [key("web")]
+        );
+        assert_eq!(
+            send("pod-b", &[("api", "10.0.0.3:80", 0.5, 10, 0)]),
+            [key("api")]
+        );
+        // Without a receiver, reports are only recorded.
+        let quiet = LoadReports::default();
+        let taken = quiet.record(
+            "shop",
+            "pod-a",
+            &report(1.0, &[("web", "10.0.0.1:80", 0.5, 10, 0)]),
+            t0,
+            |_| true,
+        );
+        assert_eq!(taken, 1);
     }
 
     #[test]

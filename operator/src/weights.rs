@@ -403,6 +403,9 @@ pub fn balance_score(traffic: &[f64], load: &[f64]) -> Result<f64, WeightError> 
 ///    `sampleExpiry`) updates the endpoint's smoothed utilization and error rate, and
 ///    its capacity estimate `qps / (utilization + errorRate × errorPenalty)` (gRFC
 ///    A58; the traffic share stands in for qps unless every new sample has qps).
+///    A sample less than an interval after the last one counts for its share of an
+///    interval, in the averages and in `maxStepChange`: how often samples arrive
+///    does not change how fast weights move.
 /// 2. The smoothed utilization sets the load state: above `criticalLoad` Ejected,
 ///    which lasts until it falls below `maxLoad`, if the others can take its traffic
 ///    under maxLoad; above `maxLoad` (or not ejectable) Throttled.
@@ -437,8 +440,8 @@ pub fn compute(
         }
     }
 
-    let alpha = settings.smoothing;
     let expiry = settings.sample_expiry.get();
+    let interval = settings.interval.get();
     let age = |t: SystemTime| now.duration_since(t).unwrap_or(Duration::ZERO);
 
     // 1. Absorb new samples.
@@ -454,6 +457,7 @@ pub fn compute(
                 prior,
                 memory: prior.cloned().unwrap_or_default(),
                 new_sample,
+                span: 1.0,
                 raw_capacity: None,
                 expired: false,
             }
@@ -466,6 +470,8 @@ pub fn compute(
         .all(|s| s.qps.is_some());
     for w in &mut work {
         let Some(sample) = w.new_sample else { continue };
+        w.span = span(w.memory.last_sampled, sample.at, interval);
+        let alpha = smoothing_over(settings.smoothing, w.span);
         let error_rate = sample.error_rate.unwrap_or(0.0);
         let load = sample.utilization + error_rate * settings.error_penalty;
         let traffic = if qps_known {
@@ -513,6 +519,7 @@ pub fn compute(
     for w in &mut work {
         if let Some(raw) = w.raw_capacity.as_mut() {
             *raw *= scale;
+            let alpha = smoothing_over(settings.smoothing, w.span);
             w.memory.capacity = Some(ewma(w.memory.capacity, *raw, alpha));
         }
     }
@@ -581,7 +588,7 @@ pub fn compute(
                     // lets go as soon as the endpoint is back under maxLoad.
                     target *= settings.max_load / u;
                 }
-                Plan::Fixed(limit_step(target, had_weight, settings))
+                Plan::Fixed(limit_step(target, had_weight, w.span, settings))
             } else if had_weight > 0 {
                 Plan::Fixed(had_weight)
             } else {
@@ -697,6 +704,8 @@ struct Work<'a> {
     prior: Option<&'a EndpointMemory>,
     memory: EndpointMemory,
     new_sample: Option<Sample>,
+    /// How much of an interval the new sample adds, see [`span`].
+    span: f64,
     raw_capacity: Option<f64>,
     expired: bool,
 }
@@ -705,6 +714,25 @@ struct Work<'a> {
 enum Plan {
     Fixed(u32),
     Mean,
+}
+
+/// How many intervals a sample taken at `at` adds to the one absorbed at `last`, at
+/// most 1: samples can arrive more often than once per interval (every sidecar posts
+/// its load reports at its own phase, and a load step triggers a reconcile at once),
+/// and each may only move the averages and the weights by its share of an interval.
+/// A first sample, or one an interval or more after the last, counts as one.
+fn span(last: Option<SystemTime>, at: SystemTime, interval: Duration) -> f64 {
+    match last.and_then(|last| at.duration_since(last).ok()) {
+        Some(gap) if !interval.is_zero() => (gap.as_secs_f64() / interval.as_secs_f64()).min(1.0),
+        _ => 1.0,
+    }
+}
+
+/// The EWMA factor for a sample that adds `span` of an interval: `smoothing` per
+/// interval, compounded, so that two samples half an interval apart move the average
+/// exactly as far as one sample per interval would.
+fn smoothing_over(smoothing: f64, span: f64) -> f64 {
+    1.0 - (1.0 - smoothing).powf(span)
 }
 
 /// Exponentially weighted moving average: the first sample is taken as it is.
@@ -781,17 +809,18 @@ fn guard_ejections(work: &mut [Work<'_>], settings: &Weighting) -> bool {
     withheld
 }
 
-/// `target` bounded to `minWeight..=maxWeight` and to `maxStepChange` from `last`.
-/// The step is at least 1 either way, or rounding would freeze small weights; an
-/// endpoint coming back from 0 starts at minWeight.
-fn limit_step(target: f64, last: u32, settings: &Weighting) -> u32 {
+/// `target` bounded to `minWeight..=maxWeight` and to `maxStepChange` from `last`,
+/// in proportion to the `span` of an interval the new sample adds. The step is at
+/// least 1 either way, or rounding would freeze small weights; an endpoint coming
+/// back from 0 starts at minWeight.
+fn limit_step(target: f64, last: u32, span: f64, settings: &Weighting) -> u32 {
     let min = f64::from(settings.min_weight);
     let max = f64::from(settings.max_weight);
     let bounded = if last == 0 {
         min
     } else {
         let last = f64::from(last);
-        let m = settings.max_step_change;
+        let m = settings.max_step_change * span;
         let low = (last * (1.0 - m)).min(last - 1.0);
         let high = (last * (1.0 + m)).max(last + 1.0);
         // low < high by construction, and target is finite (a ratio of positive
@@ -1076,11 +1105,44 @@ mod tests {
     }
 
     #[test]
+    fn samples_half_an_interval_apart_move_the_average_as_one_per_interval_does() {
+        let s = Weighting {
+            smoothing: 0.3,
+            ..settings()
+        };
+        let utilization = |w: &Weights| w.endpoints[0].utilization.expect("sampled");
+        let first = run(&WeightState::default(), &[("a:1", 0.2, None)], 0, &s);
+        let once = run(&first.state, &[("a:1", 0.8, None)], 10, &s);
+        let half = run(&first.state, &[("a:1", 0.8, None)], 5, &s);
+        let twice = run(&half.state, &[("a:1", 0.8, None)], 10, &s);
+        assert!((utilization(&once) - 0.38).abs() < 1e-9);
+        assert!(utilization(&half) < utilization(&once));
+        assert!((utilization(&twice) - utilization(&once)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_sample_after_part_of_an_interval_moves_a_weight_by_that_part_of_max_step_change() {
+        let s = Weighting {
+            max_step_change: 0.5,
+            ..settings()
+        };
+        let even = [("a:1", 0.2, Some(100.0)), ("b:1", 0.2, Some(100.0))];
+        let busy = [("a:1", 0.2, Some(100.0)), ("b:1", 0.8, Some(100.0))];
+        let start = run(&WeightState::default(), &even, 0, &s);
+        let settled = run(&start.state, &even, 10, &s);
+        assert_eq!(weights(&settled), [100, 100]);
+        // A fifth of an interval later: a fifth of the 50% a whole interval allows.
+        assert_eq!(weights(&run(&settled.state, &busy, 12, &s))[1], 90);
+        assert_eq!(weights(&run(&settled.state, &busy, 20, &s))[1], 50);
+    }
+
+    #[test]
     fn small_weights_still_move_by_at_least_one() {
         assert_eq!(
             limit_step(
                 5.0,
                 1,
+                1.0,
                 &Weighting {
                     max_step_change: 0.05,
                     ..settings()
@@ -1092,6 +1154,7 @@ mod tests {
             limit_step(
                 1.0,
                 3,
+                1.0,
                 &Weighting {
                     max_step_change: 0.05,
                     ..settings()

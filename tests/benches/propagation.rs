@@ -11,8 +11,9 @@
 //! - A CPU change: for a sample of policies spread over time, one of its sidecars posts a
 //!   load report in which endpoint 0 is four times busier than the other nine. Measured:
 //!   - (a) from that POST to the moment both subscribers of the policy hold a config in
-//!     which endpoint 0 weighs less than every other endpoint; this includes waiting up
-//!     to one weighting interval for the policy's next reconcile;
+//!     which endpoint 0 weighs less than every other endpoint (a report that steps
+//!     the load triggers the policy's reconcile at once, `operator/src/load_reports.rs`;
+//!     before that trigger this waited up to one weighting interval);
 //!   - (b) from the operator's publish to held: the publish is the `status.configVersion`
 //!     the reconcile that published the new weights wrote (the index version, the Unix
 //!     millisecond of that change), seen by a watch on the policies.
@@ -974,7 +975,7 @@ async fn main() {
         );
     };
     row(
-        "(a) load report POST → both subscribers hold the new weights (includes up to one 1 s interval)",
+        "(a) load report POST → both subscribers hold the new weights",
         &post_to_held,
     );
     row(
@@ -982,7 +983,7 @@ async fn main() {
         &publish_to_held,
     );
     row(
-        "POST → publish (the wait for the next reconcile)",
+        "POST → publish (the reconcile the report triggered)",
         &post_to_publish,
     );
     println!();

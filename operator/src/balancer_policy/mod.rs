@@ -128,26 +128,30 @@ pub struct Wiring {
     pub replica: Option<Replica>,
     /// Sidecars' load reports.
     pub load_reports: LoadReports,
+    /// Policies whose load reports show a step, to reconcile at once.
+    pub load_steps: tokio::sync::mpsc::Receiver<PolicyKey>,
 }
 
 impl Wiring {
     /// Fresh wiring around `index`; the pod store is read through `pods.as_reader()`.
     pub fn new(index: PolicyIndex) -> Self {
         let (subscribers, sidecar_hints) = Subscribers::new();
+        let (load_reports, load_steps) = LoadReports::with_steps();
         Self {
             index,
             pods: reflector::store::Writer::default(),
             subscribers,
             sidecar_hints,
             replica: None,
-            load_reports: LoadReports::default(),
+            load_reports,
+            load_steps,
         }
     }
 }
 
-/// Policies whose sidecar counts changed, as reconcile triggers (the counting task
-/// already debounces them).
-fn count_triggers(
+/// Policies sent on a channel, as reconcile triggers: those whose sidecar counts
+/// changed (the counting task already debounces them) and those whose load stepped.
+fn policy_triggers(
     triggers: tokio::sync::mpsc::Receiver<PolicyKey>,
 ) -> impl futures_util::Stream<Item = ObjectRef<BalancerPolicy>> {
     futures_util::stream::unfold(triggers, |mut triggers| async move {
@@ -177,6 +181,7 @@ pub async fn run(
         sidecar_hints,
         replica,
         load_reports,
+        load_steps,
     } = wiring;
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
@@ -310,7 +315,8 @@ pub async fn run(
         })
         .watches_stream(pod_stream, on_pod)
         .reconcile_all_on(became_leader)
-        .reconcile_on(count_triggers(triggered))
+        .reconcile_on(policy_triggers(triggered))
+        .reconcile_on(policy_triggers(load_steps))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
