@@ -7,6 +7,7 @@
 
 pub mod provider_keys;
 pub mod resolve;
+mod written;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -105,6 +106,8 @@ pub struct Context {
     pods: Store<Pod>,
     /// The weight controller's memory per policy (smoothed samples, last weights).
     weights: Mutex<HashMap<PolicyKey, WeightState>>,
+    /// The statuses this replica wrote, until the policy store has seen them.
+    written: written::WrittenStatuses,
     /// `status.sidecars`: the sidecars of every replica, summed.
     sidecars: SidecarTotals,
     /// Utilization the sidecars report, for `weighting.source: loadReports`.
@@ -271,6 +274,7 @@ pub async fn run(
         slices,
         pods,
         weights: Mutex::default(),
+        written: written::WrittenStatuses::default(),
         sidecars,
         load_reports,
     });
@@ -392,8 +396,12 @@ pub async fn reconcile(
         }
     }
 
-    // status
-    let current = policy.status.clone().unwrap_or_default();
+    // status, built on the newest we know of: the store may not have seen our last write
+    let current = ctx.written.known(
+        &key,
+        &policy.status.clone().unwrap_or_default(),
+        std::time::Instant::now(),
+    );
     let sidecars = outcome.route.as_ref().map(|_| ctx.sidecars.get(&key));
     let status = BalancerPolicyStatus {
         observed_generation: policy.metadata.generation,
@@ -421,7 +429,7 @@ pub async fn reconcile(
             "status": status,
         });
         let writing = std::time::Instant::now();
-        let written = Api::<BalancerPolicy>::namespaced(ctx.client.clone(), &namespace)
+        let result = Api::<BalancerPolicy>::namespaced(ctx.client.clone(), &namespace)
             .patch_status(
                 &key.1,
                 &PatchParams::apply(FIELD_MANAGER).force(),
@@ -429,10 +437,18 @@ pub async fn reconcile(
             )
             .await;
         ctx.metrics.observe_status_write(writing.elapsed());
-        written.map_err(|source| ReconcileError::Status {
-            policy: format!("{}/{}", key.0, key.1),
-            source,
-        })?;
+        match result {
+            Ok(_) => ctx
+                .written
+                .remember(key.clone(), status, std::time::Instant::now()),
+            Err(source) => {
+                ctx.written.forget(&key);
+                return Err(ReconcileError::Status {
+                    policy: format!("{}/{}", key.0, key.1),
+                    source,
+                });
+            }
+        }
     }
 
     ctx.metrics.observe_reconcile(started.elapsed());
