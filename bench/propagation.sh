@@ -7,12 +7,13 @@
 # Starts a test cluster (etcd + kube-apiserver, tests/src/cluster.rs), creates 2 pods per
 # policy (objects only) and a pod-bound TokenRequest token for each, starts the release
 # trimtab-operator, runs one in-process long-poll subscriber per pod over HTTPS, creates
-# the policies (cpuWeighted, loadReports, interval 1s), then posts one load report per
-# sampled policy making endpoint 0 four times busier than the others, and measures the
-# time until both of that policy's subscribers hold weights that reflect it. Also reports
+# the policies (cpuWeighted, loadReports, interval 1s), then posts, per sampled policy, a
+# load report with every endpoint idle and 0.5 s later one making endpoint 0 four times
+# busier than the others, and measures the time from that second report until both of
+# that policy's subscribers hold weights that reflect it. Also reports
 # reconcile throughput from the operator's /metrics and its RSS (VmRSS, VmHWM).
 # Everything on 127.0.0.1; every loop is bounded (first configs: 300 s at most;
-# propagation: 60 s after the last report). About 8 minutes with the defaults today.
+# propagation: 60 s after the last report). About 4 minutes with the defaults today.
 # Prints Markdown tables for docs/benchmarks.md on stdout, progress on stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."

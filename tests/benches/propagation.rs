@@ -9,8 +9,9 @@
 //!   HTTPS (HTTP/1.1 keep-alive, a few shared hyper clients), each with its own pod's
 //!   token, and note when each config arrives and which weights it holds.
 //! - A CPU change: for a sample of policies spread over time, one of its sidecars posts a
-//!   load report in which endpoint 0 is four times busier than the other nine. Measured:
-//!   - (a) from that POST to the moment both subscribers of the policy hold a config in
+//!   load report in which every endpoint is equally idle, and half a second later one in
+//!   which endpoint 0 is four times busier than the other nine. Measured:
+//!   - (a) from the busy POST to the moment both subscribers of the policy hold a config in
 //!     which endpoint 0 weighs less than every other endpoint (a report that steps
 //!     the load triggers the policy's reconcile at once, `operator/src/load_reports.rs`;
 //!     before that trigger this waited up to one weighting interval);
@@ -62,6 +63,10 @@ const PODS_PER_POLICY: usize = 2;
 const BUSY: &str = "127.0.0.1:9000";
 const BUSY_UTILIZATION: f64 = 0.6;
 const IDLE_UTILIZATION: f64 = 0.15;
+/// How long before its busy report the same sidecar reports every endpoint idle: the
+/// busy report is then a step from a report the operator holds (not a sidecar's first
+/// report), and comes half an interval after the last sample.
+const BASELINE_LEAD: Duration = Duration::from_millis(500);
 /// Long-poll `wait` in seconds, as the sidecar uses.
 const WAIT_SECONDS: u64 = 30;
 /// Hyper clients the subscribers share (each keeps its own connection pool).
@@ -787,46 +792,56 @@ async fn main() {
     let reporter = https_client(&cert.pem);
     let sampling_from = scrape(&operator).await;
     let writes_before = status_log.lock().expect("status log").modified;
-    let t0 = tokio::time::Instant::now();
+    let t0 = tokio::time::Instant::now() + BASELINE_LEAD;
     let mut posts = JoinSet::new();
     for (k, &policy) in sampled.iter().enumerate() {
         let (http, base) = (reporter.clone(), Arc::clone(&base));
         let token = tokens[policy * PODS_PER_POLICY].clone();
         let at = t0 + settings.spacing * k as u32;
         posts.spawn(async move {
+            let post = |busy: bool| {
+                let endpoints: Vec<Value> = (0..ENDPOINTS)
+                    .map(|j| {
+                        let address = format!("127.0.0.1:{}", 9000 + j);
+                        let utilization = if busy && address == BUSY {
+                            BUSY_UTILIZATION
+                        } else {
+                            IDLE_UTILIZATION
+                        };
+                        json!({"policy": policy_name(policy), "address": address,
+                               "utilization": utilization, "requests": 100, "errors": 0})
+                    })
+                    .collect();
+                let body = json!({"windowSeconds": 1, "endpoints": endpoints}).to_string();
+                let (http, base, token) = (http.clone(), Arc::clone(&base), token.clone());
+                async move {
+                    let answer = send(
+                        &http,
+                        Method::POST,
+                        &format!("{base}/v1/load-reports"),
+                        &token,
+                        None,
+                        Bytes::from(body),
+                    )
+                    .await;
+                    let accepted = matches!(&answer, Ok(a) if a.status == StatusCode::NO_CONTENT);
+                    if !accepted {
+                        eprintln!(
+                            "load report for {} refused: {:?}",
+                            policy_name(policy),
+                            answer
+                                .map(|a| (a.status, String::from_utf8_lossy(&a.body).into_owned()))
+                        );
+                    }
+                    accepted
+                }
+            };
+            tokio::time::sleep_until(at - BASELINE_LEAD).await;
+            let baseline = post(false).await;
             tokio::time::sleep_until(at).await;
-            let endpoints: Vec<Value> = (0..ENDPOINTS)
-                .map(|j| {
-                    let address = format!("127.0.0.1:{}", 9000 + j);
-                    let utilization = if address == BUSY {
-                        BUSY_UTILIZATION
-                    } else {
-                        IDLE_UTILIZATION
-                    };
-                    json!({"policy": policy_name(policy), "address": address,
-                           "utilization": utilization, "requests": 100, "errors": 0})
-                })
-                .collect();
-            let body = json!({"windowSeconds": 1, "endpoints": endpoints}).to_string();
             let posted = SystemTime::now();
-            let answer = send(
-                &http,
-                Method::POST,
-                &format!("{base}/v1/load-reports"),
-                &token,
-                None,
-                Bytes::from(body),
-            )
-            .await;
-            let accepted = matches!(&answer, Ok(a) if a.status == StatusCode::NO_CONTENT);
-            if !accepted {
-                eprintln!(
-                    "load report for {} refused: {:?}",
-                    policy_name(policy),
-                    answer.map(|a| (a.status, String::from_utf8_lossy(&a.body).into_owned()))
-                );
-            }
-            (policy, posted, accepted)
+            let accepted = post(true).await;
+            (policy, posted, baseline && accepted)
         });
     }
     let mut reports = Vec::new();
@@ -975,7 +990,7 @@ async fn main() {
         );
     };
     row(
-        "(a) load report POST → both subscribers hold the new weights",
+        "(a) busy load report POST → both subscribers hold the new weights",
         &post_to_held,
     );
     row(
