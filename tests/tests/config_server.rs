@@ -586,8 +586,9 @@ async fn spread(port: u16, n: usize) -> (std::collections::BTreeMap<String, usiz
     (seen, failed)
 }
 
-#[tokio::test]
-async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() {
+/// A cluster with the CRDs, the storefront namespace, its `web` service account and one
+/// pod `web-1` labelled `app: web`.
+async fn storefront_with_web_pod() -> (TestCluster, Client, Pod) {
     let cluster = TestCluster::start().await.expect("cluster starts");
     crds::install(&cluster).await.expect("CRDs install");
     cluster.ensure_namespace(NS).await.expect("namespace");
@@ -599,6 +600,82 @@ async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() 
     )
     .await;
     let web: Pod = apply(&client, NS, pod("web-1", "web")).await;
+    (cluster, client, web)
+}
+
+/// A load report that steps an endpoint's load is acted on at once, not at the policy's
+/// next interval: with `interval: 300s`, only the step trigger can move the weights
+/// within seconds of the report.
+#[tokio::test]
+async fn a_load_step_moves_the_weights_long_before_the_interval() {
+    let (cluster, client, web) = storefront_with_web_pod().await;
+    let (a, b) = ("127.0.0.1:9101", "127.0.0.1:9102");
+    let mut api = policy("api", "web", free_addr().port(), &[a, b]);
+    api["spec"]["algorithm"] = json!("cpuWeighted");
+    api["spec"]["weighting"] =
+        json!({"source": "loadReports", "interval": "300s", "smoothing": 1.0});
+    let _: BalancerPolicy = apply(&client, NS, api).await;
+    let cert = ServingCert::write(cluster.dir());
+    let operator = OperatorProcess::start(&cluster, NS, "operator-0", free_addr(), &cert).await;
+    let policies = Api::<BalancerPolicy>::namespaced(client.clone(), NS);
+    let weights = async || -> Vec<(String, u32)> {
+        policies
+            .get_status("api")
+            .await
+            .ok()
+            .and_then(|p| p.status)
+            .map(|s| {
+                s.endpoints
+                    .into_iter()
+                    .map(|e| (e.address, e.weight))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // The first reconcile: both endpoints, equal weights (nothing reported yet).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = weights().await;
+        if w.len() == 2 && w[0].1 == w[1].1 && w[0].1 > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no first status: {w:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let server = ConfigClient::new(&operator, &cert.pem);
+    let web_token = token(&client, Some(&web), "trimtab").await;
+    let body = json!({"windowSeconds": 1, "endpoints": [
+        {"policy": "api", "address": a, "utilization": 0.2, "requests": 100},
+        {"policy": "api", "address": b, "utilization": 0.8, "requests": 100},
+    ]})
+    .to_string();
+    let reported = tokio::time::Instant::now();
+    let answer = server.report(&web_token, &body).await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT, "{}", answer.error());
+    loop {
+        let w = weights().await;
+        let of = |address: &str| w.iter().find(|(x, _)| x == address).map(|(_, w)| *w);
+        if let (Some(wa), Some(wb)) = (of(a), of(b))
+            && wb < wa
+        {
+            eprintln!("weights {w:?} {:?} after the report", reported.elapsed());
+            break;
+        }
+        assert!(
+            reported.elapsed() < Duration::from_secs(15),
+            "the step did not reach the weights within 15 s (interval 300 s): {w:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() {
+    let (cluster, client, web) = storefront_with_web_pod().await;
     let (a, _) = backend("a").await;
     let (b, _) = backend("b").await;
     let (c, c_hits) = backend("c").await;
