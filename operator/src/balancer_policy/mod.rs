@@ -397,11 +397,9 @@ pub async fn reconcile(
     }
 
     // status, built on the newest we know of: the store may not have seen our last write
-    let current = ctx.written.known(
-        &key,
-        &policy.status.clone().unwrap_or_default(),
-        std::time::Instant::now(),
-    );
+    let current = ctx
+        .written
+        .known(&key, policy.status.as_ref(), std::time::Instant::now());
     let sidecars = outcome.route.as_ref().map(|_| ctx.sidecars.get(&key));
     let status = BalancerPolicyStatus {
         observed_generation: policy.metadata.generation,

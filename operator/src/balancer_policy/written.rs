@@ -32,18 +32,18 @@ pub struct WrittenStatuses {
 
 impl WrittenStatuses {
     /// The status to build on and compare with: the one written last if it is recent,
-    /// otherwise `stored`, the store's copy.
+    /// otherwise `stored`, the store's copy (none yet: the default).
     pub fn known(
         &self,
         policy: &PolicyKey,
-        stored: &BalancerPolicyStatus,
+        stored: Option<&BalancerPolicyStatus>,
         now: Instant,
     ) -> BalancerPolicyStatus {
         match self.lock().get(policy) {
             Some((status, at)) if now.saturating_duration_since(*at) < TRUSTED_FOR => {
                 status.clone()
             }
-            _ => stored.clone(),
+            _ => stored.cloned().unwrap_or_default(),
         }
     }
 
@@ -85,17 +85,20 @@ mod tests {
         let written = WrittenStatuses::default();
         let key: PolicyKey = ("shop".into(), "web".into());
         let t0 = Instant::now();
-        assert_eq!(written.known(&key, &status(1), t0), status(1));
+        assert_eq!(written.known(&key, Some(&status(1)), t0), status(1));
         written.remember(key.clone(), status(2), t0);
         assert_eq!(
-            written.known(&key, &status(1), t0 + Duration::from_secs(5)),
+            written.known(&key, Some(&status(1)), t0 + Duration::from_secs(5)),
             status(2)
         );
         // Past TRUSTED_FOR, the store's copy wins: someone else's write is corrected.
-        assert_eq!(written.known(&key, &status(1), t0 + TRUSTED_FOR), status(1));
+        assert_eq!(
+            written.known(&key, Some(&status(1)), t0 + TRUSTED_FOR),
+            status(1)
+        );
         written.remember(key.clone(), status(3), t0);
         written.forget(&key);
-        assert_eq!(written.known(&key, &status(1), t0), status(1));
+        assert_eq!(written.known(&key, Some(&status(1)), t0), status(1));
     }
 
     #[test]
