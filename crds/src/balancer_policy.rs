@@ -223,8 +223,8 @@ impl Algorithm {
 /// How `cpuWeighted` derives endpoint weights.
 ///
 /// weight = qps / (utilization + errorRate × errorPenalty), the gRFC A58 / Envoy
-/// client-side WRR form, smoothed by an EWMA, bounded by minWeight..maxWeight, driven
-/// down above maxLoad and zeroed above criticalLoad.
+/// client-side WRR form, smoothed (falls at once, rises by an EWMA), bounded by
+/// minWeight..maxWeight, driven down above maxLoad and zeroed above criticalLoad.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.criticalLoad > self.maxLoad").message("criticalLoad must exceed maxLoad"))]
@@ -246,8 +246,10 @@ pub struct Weighting {
     #[serde(default = "defaults::weighting_interval")]
     pub interval: Duration,
 
-    /// EWMA factor for new samples, in (0, 1]: 1 follows every sample, small values
-    /// trade responsiveness for stability.
+    /// EWMA factor, in (0, 1], for a rise of an endpoint's capacity estimate: 1 follows
+    /// every sample, small values trade responsiveness for stability. A fall is
+    /// believed at once (peak-EWMA), so an endpoint that lost capacity sheds its
+    /// traffic within an interval or two.
     #[serde(default = "defaults::smoothing")]
     #[schemars(range(min = 0.01, max = 1.0))]
     pub smoothing: f64,
@@ -308,6 +310,23 @@ impl Default for Weighting {
             critical_load: defaults::critical_load(),
             sample_expiry: defaults::sample_expiry(),
         }
+    }
+}
+
+/// The next capacity estimate of an endpoint, from the last one and a new measurement,
+/// under the EWMA `factor` (`smoothing`, or its share for a sample that adds part of
+/// an interval): a fall is believed at once, a rise closes `factor` of the gap.
+///
+/// This is how linkerd2-proxy and Finagle smooth a peak-EWMA cost, seen from the other
+/// side. An endpoint that lost capacity is overloaded until its share follows, and an
+/// EWMA at `smoothing: 0.3` still carries 0.7³ ≈ 34% of the step three intervals
+/// later; one that gained capacity loses nothing by being trusted gradually, and a
+/// recovering one is spared a thundering herd. Both the operator's weight controller
+/// and the sidecar's live refinement follow capacity this way.
+pub fn follow_capacity(last: Option<f64>, measured: f64, factor: f64) -> f64 {
+    match last {
+        Some(last) if measured >= last => last + factor * (measured - last),
+        _ => measured,
     }
 }
 
@@ -921,5 +940,18 @@ pub(crate) mod defaults {
     }
     pub fn keep_last_turns() -> u32 {
         2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capacity_falls_at_once_and_rises_by_the_smoothing_factor() {
+        assert_eq!(follow_capacity(None, 80.0, 0.3), 80.0);
+        assert_eq!(follow_capacity(Some(100.0), 50.0, 0.3), 50.0);
+        assert_eq!(follow_capacity(Some(50.0), 100.0, 0.3), 65.0);
+        assert_eq!(follow_capacity(Some(50.0), 100.0, 1.0), 100.0);
     }
 }

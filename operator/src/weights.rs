@@ -42,7 +42,10 @@
 //! behind a lag, whose poles are complex (|q| = √(1 − smoothing)): it overshoots and
 //! rings, slowest for small smoothing. The capacity estimate does not move when the
 //! weights move, so smoothing it only delays a monotone approach to a new capacity:
-//! the error shrinks by `(1 − smoothing)` per interval and never changes sign. This
+//! the error shrinks by `(1 − smoothing)` per interval and never changes sign. Only
+//! rises are smoothed: a fall is believed at once ([`follow_capacity`]), so an
+//! endpoint that lost capacity sheds its traffic in an interval, not in 1/smoothing
+//! of them, and the approach stays monotone. This
 //! is the question the mixture-of-experts auxiliary load-balancing loss
 //! (`n × Σ fᵢ·pᵢ`, see [`balance_score`]) poses for a router: a correction computed
 //! from the load it causes itself oscillates unless its loop gain is bounded; here
@@ -73,7 +76,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use trimtab_api::balancer_policy::{EndpointState, EndpointStatus, Weighting};
+use trimtab_api::balancer_policy::{EndpointState, EndpointStatus, Weighting, follow_capacity};
 
 /// Below this utilization (plus error penalty) a sample says nothing about capacity:
 /// an idle endpoint's `qps / utilization` is noise over noise. gRFC A58 ignores a
@@ -520,7 +523,7 @@ pub fn compute(
         if let Some(raw) = w.raw_capacity.as_mut() {
             *raw *= scale;
             let alpha = smoothing_over(settings.smoothing, w.span);
-            w.memory.capacity = Some(ewma(w.memory.capacity, *raw, alpha));
+            w.memory.capacity = Some(follow_capacity(w.memory.capacity, *raw, alpha));
         }
     }
 

@@ -3,13 +3,19 @@
 //!
 //! weight = qps / (utilization + errorRate × errorPenalty): the gRFC A58 client-side
 //! weighted round robin form (Envoy's `client_side_weighted_round_robin`), where
-//! errorRate = eps / qps. Weights are normalised so the best endpoint has `maxWeight`,
-//! smoothed by an EWMA (`smoothing`), limited to `maxStepChange` per update, bounded by
-//! `minWeight..maxWeight`, driven down above `maxLoad` (Throttled) and zeroed above
-//! `criticalLoad` (Ejected) until the endpoint is back under `maxLoad`.
+//! errorRate = eps / qps. That quotient estimates the endpoint's *capacity*: it does
+//! not move when the endpoint's share of traffic moves, so smoothing it only delays
+//! the approach to a new capacity and cannot make the loop ring (the operator's
+//! `weights` module makes the same argument at length).
+//!
+//! The estimate falls at once and rises at the `smoothing` rate
+//! ([`follow_capacity`], shared with the operator, says why). Estimates are normalised so the best endpoint has `maxWeight`; the published weight
+//! moves at most `maxStepChange` per update, stays within `minWeight..maxWeight`, is
+//! driven down above `maxLoad` (Throttled) and zeroed above `criticalLoad` (Ejected)
+//! until the endpoint is back under `maxLoad`.
 
 use serde::Deserialize;
-use trimtab_api::balancer_policy::{EndpointState, Weighting};
+use trimtab_api::balancer_policy::{EndpointState, Weighting, follow_capacity};
 
 /// The response header backends report their load in (ORCA, as Envoy and gRPC read it).
 pub const ORCA_HEADER: &str = "endpoint-load-metrics";
@@ -135,21 +141,26 @@ pub struct Weighted {
     pub weight: f64,
     /// Active, Throttled or Ejected.
     pub state: EndpointState,
-    /// The smoothed weight before throttling: what the next interval smooths from.
-    /// Smoothing from the throttled weight instead would apply `maxLoad ÷
-    /// utilization` again every interval an endpoint stays hot, sinking it far below
-    /// its share and making it climb back at the smoothing rate (overshoot and slow
-    /// settling, measured by `benches/balancing.rs`).
+    /// The weight before throttling: what the next interval's step limit counts from.
+    /// Counting from the throttled weight instead would apply `maxLoad ÷ utilization`
+    /// again every interval an endpoint stays hot, sinking it far below its share and
+    /// making it climb back at the step limit (overshoot and slow settling, measured by
+    /// `benches/balancing.rs`).
     pub smoothed: f64,
+    /// The smoothed capacity estimate (A58 qps ÷ load, in requests per second at full
+    /// utilization); `None` until a sample gives one, and again when samples stop.
+    pub capacity: Option<f64>,
 }
 
 impl Weighted {
-    /// A weight that is also its own smoothed state (a fresh start).
+    /// A weight that is also its own smoothed state, with no capacity known yet (a
+    /// fresh start).
     pub fn new(weight: f64, state: EndpointState) -> Self {
         Self {
             weight,
             state,
             smoothed: weight,
+            capacity: None,
         }
     }
 }
@@ -187,14 +198,18 @@ pub fn compute(
 ) -> Vec<Weighted> {
     let min = f64::from(cfg.min_weight);
     let max = f64::from(cfg.max_weight);
-    let raw: Vec<Option<f64>> = samples
+    let capacities: Vec<Option<f64>> = previous
         .iter()
-        .map(|s| s.as_ref().and_then(|s| a58_weight(s, cfg.error_penalty)))
+        .zip(samples)
+        .map(|(prev, s)| {
+            let measured = s.as_ref().and_then(|s| a58_weight(s, cfg.error_penalty))?;
+            Some(follow_capacity(prev.capacity, measured, cfg.smoothing))
+        })
         .collect();
-    let best = raw.iter().flatten().copied().fold(0.0, f64::max);
-    let targets: Vec<Option<f64>> = raw
+    let best = capacities.iter().flatten().copied().fold(0.0, f64::max);
+    let targets: Vec<Option<f64>> = capacities
         .iter()
-        .map(|r| r.filter(|_| best > 0.0).map(|r| r / best * max))
+        .map(|c| c.filter(|_| best > 0.0).map(|c| c / best * max))
         .collect();
     let known: Vec<f64> = targets.iter().flatten().copied().collect();
     let average = if known.is_empty() {
@@ -202,8 +217,8 @@ pub fn compute(
     } else {
         known.iter().sum::<f64>() / known.len() as f64
     };
-    // What each endpoint can serve at full utilization (qps / utilization), to decide
-    // whether the others can absorb an endpoint's traffic if it is ejected.
+    // What each endpoint serves at full utilization (qps / utilization, unsmoothed), to
+    // decide whether the others can absorb an endpoint's traffic if it is ejected.
     let capacity: Vec<f64> = samples
         .iter()
         .map(|s| {
@@ -222,8 +237,7 @@ pub fn compute(
                 // rather than hand the endpoint that just overloaded a full share again.
                 min
             } else {
-                let ewma = prev.smoothed + cfg.smoothing * (target - prev.smoothed);
-                ewma.clamp(
+                target.clamp(
                     prev.smoothed * (1.0 - cfg.max_step_change).max(0.0),
                     prev.smoothed * (1.0 + cfg.max_step_change),
                 )
@@ -254,6 +268,7 @@ pub fn compute(
                 weight,
                 state,
                 smoothed,
+                capacity: capacities[i],
             }
         })
         .collect()
@@ -522,8 +537,8 @@ mod tests {
             }),
         ];
         let next = compute(&prev, &samples, &c);
-        // Targets are 100 and 20: the first may rise by at most 50%, the second is
-        // smoothed from 10 toward 20 by the EWMA (factor 1 here).
+        // Targets are 100 and 20 (capacities 100 and 20, the first the best): each may
+        // rise by at most 50% of its previous weight.
         assert_eq!(next[0].weight, 15.0);
         assert_eq!(next[1].weight, 15.0);
     }
@@ -562,6 +577,85 @@ mod tests {
             weights.iter().all(|w| w.state == EndpointState::Active),
             "{weights:?}"
         );
+    }
+
+    #[test]
+    fn a_capacity_fall_is_believed_at_once_and_a_rise_followed_gradually() {
+        let c = cfg(); // smoothing 0.3
+        let sample = |capacity: f64| {
+            Some(Sample {
+                utilization: 0.5,
+                qps: capacity / 2.0,
+                eps: 0.0,
+            })
+        };
+        let mut w = compute(
+            &[Weighted::new(100.0, EndpointState::Active); 2],
+            &[sample(100.0), sample(100.0)],
+            &c,
+        );
+        assert_eq!(w[1].capacity, Some(100.0));
+        // The second endpoint's capacity halves: its weight follows in one update
+        // (a halving is within maxStepChange, 0.5).
+        w = compute(&w, &[sample(100.0), sample(50.0)], &c);
+        assert_eq!((w[0].weight, w[1].weight), (100.0, 50.0));
+        // Back to 100: the estimate climbs 30% of the gap per update.
+        w = compute(&w, &[sample(100.0), sample(100.0)], &c);
+        assert_eq!(w[1].capacity, Some(65.0));
+        assert_eq!(w[1].weight, 65.0);
+        // Without samples the estimate is forgotten and the weight is the average.
+        w = compute(&w, &[sample(100.0), None], &c);
+        assert_eq!((w[1].capacity, w[1].weight), (None, 97.5));
+    }
+
+    /// The sidecar issue's reaction benchmark, closed loop and without noise: capacities
+    /// 1:2:4 offered 70% of their total; once settled, the capacity-4 endpoint halves
+    /// (98% of what is left is offered, so every endpoint is hot). An overloaded
+    /// endpoint serves its capacity at utilization 1 and queues the rest. With the
+    /// default `smoothing: 0.3` its share of the traffic must be within 5% of its new
+    /// capacity share (40%) three updates after the cut, and not undershoot it by 10%.
+    #[test]
+    fn a_halved_endpoint_loses_its_share_within_three_updates() {
+        let c = cfg();
+        let mut capacity = [10.0, 20.0, 40.0];
+        let offered = 0.7 * capacity.iter().sum::<f64>();
+        let mut weights = initial(&[1, 1, 1], &c);
+        let mut shares = Vec::new();
+        for update in 0..60 {
+            if update == 30 {
+                capacity[2] = 20.0;
+            }
+            let total: f64 = weights.iter().map(|w| w.weight).sum();
+            let samples: Vec<Option<Sample>> = weights
+                .iter()
+                .zip(capacity)
+                .map(|(w, cap)| {
+                    let offered_here = offered * w.weight / total;
+                    let served = offered_here.min(cap);
+                    Some(Sample {
+                        utilization: served / cap,
+                        qps: served,
+                        eps: 0.0,
+                    })
+                })
+                .collect();
+            weights = compute(&weights, &samples, &c);
+            let total: f64 = weights.iter().map(|w| w.weight).sum();
+            shares.push(weights[2].weight / total);
+        }
+        let before = shares[29];
+        assert!(
+            (before - 4.0 / 7.0).abs() < 0.02,
+            "settled before the cut: {shares:?}"
+        );
+        // Update 30 measures the cut; 31, 32 and 33 are the three updates after it.
+        let after = &shares[33..];
+        assert!(
+            after.iter().all(|s| (s / 0.4 - 1.0).abs() < 0.05),
+            "not within 5% of 40% from the third update on: {shares:?}"
+        );
+        let lowest = after.iter().copied().fold(1.0, f64::min);
+        assert!(lowest > 0.4 * 0.9, "overshoot: {lowest} ({shares:?})");
     }
 
     #[test]
