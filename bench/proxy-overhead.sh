@@ -5,6 +5,10 @@
 #
 # direct → backend, and through trimtab-sidecar, nginx, HAProxy and Envoy, each proxy
 # with one worker thread, keep-alive to the client and to the backend, small responses.
+# Besides throughput and latency it reports each proxy's CPU time (user + system) per
+# request over its run: on a shared two-core machine, where wrk, the backend and the
+# proxy compete for the cores, throughput swings by a third between runs, and CPU per
+# request is the steadier comparison.
 # Everything listens on 127.0.0.1 only. Prints a Markdown table for docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +53,7 @@ http { access_log off; keepalive_requests 1000000;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 EOF
 nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
+nginx_pid=$!
 
 cat >"$work/haproxy.cfg" <<EOF
 global
@@ -68,6 +73,7 @@ backend be
   server b1 127.0.0.1:$BACKEND
 EOF
 haproxy -f "$work/haproxy.cfg" -db & pids+=($!)
+haproxy_pid=$!
 
 cat >"$work/envoy.yaml" <<EOF
 static_resources:
@@ -90,6 +96,7 @@ static_resources:
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $BACKEND}}}}]}]
 EOF
 "$envoy_bin" -c "$work/envoy.yaml" --concurrency 1 --log-level error --base-id 7 & pids+=($!)
+envoy_pid=$!
 
 cat >"$work/policy.yaml" <<EOF
 apiVersion: trimtab.dev/v1alpha1
@@ -111,15 +118,30 @@ for port in $BACKEND $NGINX $HAPROXY $ENVOY $TRIMTAB; do
 done
 idle_rss_kb=$(ps -o rss= -p "$sidecar_pid" | tr -d ' ')
 
-run() { # name port -> "rps p50_ms p99_ms"
-  local out
+# CPU time (user + system, clock ticks) of a process and its children: nginx's worker
+# is a child of the master started here; threads are counted in their process.
+cpu_ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+declare -A proxy_pid=([direct]="" [trimtab]=$sidecar_pid [nginx]=$nginx_pid [haproxy]=$haproxy_pid [envoy]=$envoy_pid)
+
+run() { # name port -> "rps p50_ms p99_ms cpu_us_per_request"
+  local out pid=${proxy_pid[$1]} before=0 after=0
+  [[ -n $pid ]] && before=$(cpu_ticks "$pid")
   out=$(wrk -t1 -c"$connections" -d"$duration" --latency "http://127.0.0.1:$2/")
+  [[ -n $pid ]] && after=$(cpu_ticks "$pid")
   echo "$out" >"$work/wrk-$1.txt"
-  local rps p50 p99
+  local rps p50 p99 requests
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  requests=$(awk '/requests in/ {print $1}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
-  echo "$rps $(to_ms "$p50") $(to_ms "$p99")"
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$requests" \
+    'BEGIN { printf "%.2f", t / hz * 1e6 / n }')"
 }
 to_ms() { awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'; }
 
@@ -130,16 +152,18 @@ for target in direct:$BACKEND trimtab:$TRIMTAB nginx:$NGINX haproxy:$HAPROXY env
 done
 loaded_rss_kb=$(ps -o rss= -p "$sidecar_pid" | tr -d ' ')
 
-read -r n_rps _ n_p99 <<<"${result[nginx]}"
-read -r h_rps _ h_p99 <<<"${result[haproxy]}"
+read -r n_rps _ n_p99 n_cpu <<<"${result[nginx]}"
+read -r h_rps _ h_p99 h_cpu <<<"${result[haproxy]}"
 echo "wrk -t1 -c$connections -d$duration, one worker thread per proxy, $(nproc) cores shared by all"
 echo
-echo "| path | requests/s | p50 ms | p99 ms | throughput ÷ nginx | throughput ÷ HAProxy | p99 ÷ nginx |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| path | requests/s | p50 ms | p99 ms | throughput ÷ nginx | throughput ÷ HAProxy | p99 ÷ nginx | proxy CPU µs/request | CPU ÷ nginx | CPU ÷ HAProxy |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 for name in direct trimtab nginx haproxy envoy; do
-  read -r rps p50 p99 <<<"${result[$name]}"
+  read -r rps p50 p99 cpu <<<"${result[$name]}"
   awk -v n="$name" -v r="$rps" -v a="$p50" -v b="$p99" -v nr="$n_rps" -v hr="$h_rps" -v np="$n_p99" \
-    'BEGIN { printf "| %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |\n", n, r, a, b, r/nr, r/hr, b/np }'
+    -v c="$cpu" -v nc="$n_cpu" -v hc="$h_cpu" \
+    'BEGIN { printf "| %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |", n, r, a, b, r/nr, r/hr, b/np
+             if (n == "direct") print " – | – | – |"; else printf " %.2f | %.2f | %.2f |\n", c, c/nc, c/hc }'
 done
 echo
 echo "trimtab-sidecar RSS: idle $((idle_rss_kb / 1024)) MB, after the run $((loaded_rss_kb / 1024)) MB"
