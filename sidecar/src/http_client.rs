@@ -10,13 +10,21 @@
 //! idle connections wait in a lock-free queue, and a connection goes back the moment
 //! its response body ends. The connections themselves are hyper's
 //! `client::conn::http1`, the layer linkerd2-proxy builds its own pools on.
+//!
+//! The queue is first in, first out, so under steady traffic every idle connection is
+//! used in turn and none ever sits idle for [`POOL_IDLE_TIMEOUT`]: a burst's extra
+//! connections would stay open for as long as traffic lasts. A LIFO pool (hyper-util's,
+//! nginx's `keepalive` cache) lets them age out instead; here the pool counts the
+//! fewest connections that sat idle over each idle timeout, which is how many that
+//! period did not need, and closes that many when it ends. No task and no lock: the
+//! response that ends a period does the trimming.
 
 use std::{
     error::Error as StdError,
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -79,6 +87,14 @@ pub struct ConnectionPool<B> {
     /// Connections in `idle` (approximately: a push and its count are two steps).
     idle_count: AtomicUsize,
     max_idle: usize,
+    /// Idle connections are closed after this long unused.
+    idle_timeout: Duration,
+    /// The fewest connections idle at once since the last trim: a surplus, if kept up
+    /// for a whole `idle_timeout`.
+    low_water: AtomicUsize,
+    /// When the current trimming period started, in milliseconds since `created`.
+    period_start_ms: AtomicU64,
+    created: Instant,
 }
 
 impl<B> std::fmt::Debug for ConnectionPool<B> {
@@ -104,6 +120,12 @@ where
     /// A pool for `address` (`host:port`, a name or an IP literal) that keeps at most
     /// `max_idle` idle connections; more are closed when their response ends.
     pub fn new(address: &str, max_idle: usize) -> Arc<Self> {
+        Self::with_idle_timeout(address, max_idle, POOL_IDLE_TIMEOUT)
+    }
+
+    /// [`Self::new`] with idle connections closed after `idle_timeout` rather than
+    /// [`POOL_IDLE_TIMEOUT`].
+    pub fn with_idle_timeout(address: &str, max_idle: usize, idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             host: HeaderValue::from_str(address)
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
@@ -111,7 +133,16 @@ where
             idle: SegQueue::new(),
             idle_count: AtomicUsize::new(0),
             max_idle,
+            idle_timeout,
+            low_water: AtomicUsize::new(0),
+            period_start_ms: AtomicU64::new(0),
+            created: Instant::now(),
         })
+    }
+
+    /// How many connections wait idle (approximately, under concurrent use).
+    pub fn idle(&self) -> usize {
+        self.idle_count.load(Ordering::Relaxed)
     }
 
     /// `host:port`.
@@ -167,8 +198,12 @@ where
             return None;
         }
         while let Some(idle) = self.idle.pop() {
-            self.idle_count.fetch_sub(1, Ordering::Relaxed);
-            if !idle.sender.is_closed() && idle.since.elapsed() < POOL_IDLE_TIMEOUT {
+            let left = self
+                .idle_count
+                .fetch_sub(1, Ordering::Relaxed)
+                .saturating_sub(1);
+            self.low_water.fetch_min(left, Ordering::Relaxed);
+            if !idle.sender.is_closed() && idle.since.elapsed() < self.idle_timeout {
                 return Some(idle.sender);
             }
         }
@@ -235,10 +270,35 @@ where
             self.idle_count.fetch_sub(1, Ordering::Relaxed);
             return;
         }
-        self.idle.push(Idle {
-            sender,
-            since: Instant::now(),
-        });
+        let now = Instant::now();
+        self.idle.push(Idle { sender, since: now });
+        self.trim_surplus(now);
+    }
+
+    /// Once per `idle_timeout`, closes as many idle connections as stayed unused
+    /// throughout it (the low-water mark of the idle count), and starts a new period.
+    fn trim_surplus(&self, now: Instant) {
+        let now_ms =
+            u64::try_from(now.duration_since(self.created).as_millis()).unwrap_or(u64::MAX);
+        let period_ms = u64::try_from(self.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        let start = self.period_start_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(start) < period_ms
+            || self
+                .period_start_ms
+                .compare_exchange(start, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let surplus = self.low_water.swap(usize::MAX, Ordering::Relaxed);
+        for _ in 0..surplus.min(self.idle()) {
+            // Dropping the sender ends its connection's task, which closes the socket.
+            if self.idle.pop().is_none() {
+                break;
+            }
+            self.idle_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.low_water.fetch_min(self.idle(), Ordering::Relaxed);
     }
 }
 
@@ -343,17 +403,21 @@ mod tests {
     use super::*;
 
     /// A backend on 127.0.0.1 that answers each request with its URI and Host, closes
-    /// each connection after one response when `close` is set, and counts connections.
-    async fn backend(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// each connection after one response when `close` is set, and counts connections
+    /// accepted and still open.
+    async fn backend(close: bool) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a loopback port");
         let address = listener.local_addr().expect("local address");
         let accepted = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&accepted);
+        let open = Arc::new(AtomicUsize::new(0));
+        let (counter, open_counter) = (Arc::clone(&accepted), Arc::clone(&open));
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
+                open_counter.fetch_add(1, Ordering::SeqCst);
+                let open = Arc::clone(&open_counter);
                 let service = service_fn(|request: Request<Incoming>| async move {
                     let host = request
                         .headers()
@@ -364,14 +428,16 @@ mod tests {
                     let text = format!("{} {host}", request.uri());
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
                 });
-                tokio::spawn(
-                    server::Builder::new()
+                tokio::spawn(async move {
+                    let _ = server::Builder::new()
                         .keep_alive(!close)
-                        .serve_connection(TokioIo::new(stream), service),
-                );
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
-        (address, accepted)
+        (address, accepted, open)
     }
 
     fn get(uri: &str) -> Request<Empty<Bytes>> {
@@ -387,7 +453,7 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_requests_share_one_connection_in_origin_form_with_a_host() {
-        let (address, accepted) = backend(false).await;
+        let (address, accepted, _) = backend(false).await;
         let pool = ConnectionPool::new(&address.to_string(), 8);
         for path in ["/a", "/b?x=1", "/c"] {
             let uri = format!("http://{address}{path}");
@@ -400,7 +466,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_the_server_closed_are_skipped_not_failed() {
-        let (address, accepted) = backend(true).await;
+        let (address, accepted, _) = backend(true).await;
         let pool = ConnectionPool::new(&address.to_string(), 8);
         for _ in 0..5 {
             let response = pool.send(get("/"), CONNECT).await.expect("a response");
@@ -412,7 +478,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_beyond_the_limit_are_closed() {
-        let (address, accepted) = backend(false).await;
+        let (address, accepted, _) = backend(false).await;
         let pool = ConnectionPool::new(&address.to_string(), 1);
         // Three responses held at once need three connections ...
         let mut held = Vec::new();
@@ -428,8 +494,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_a_burst_opened_are_closed_once_steady_traffic_leaves_them_unused() {
+        let (address, accepted, open) = backend(false).await;
+        let idle_timeout = Duration::from_millis(300);
+        let pool = ConnectionPool::with_idle_timeout(&address.to_string(), 64, idle_timeout);
+        // A burst: eight responses held at once need eight connections.
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(pool.send(get("/"), CONNECT).await.expect("a response"));
+        }
+        for response in held {
+            text(response).await;
+        }
+        assert_eq!(pool.idle(), 8);
+        // Then one request at a time. The queue hands out the connections in turn, so
+        // each is used every eighth request and none ages out by itself; within the
+        // first idle timeout nothing is closed.
+        let sequential = || async {
+            text(pool.send(get("/"), CONNECT).await.expect("a response")).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let started = Instant::now();
+        while started.elapsed() < idle_timeout / 2 {
+            sequential().await;
+        }
+        assert_eq!(pool.idle(), 8);
+        // A whole period in which seven were never needed ends with those seven closed.
+        while pool.idle() > 1 && started.elapsed() < Duration::from_secs(10) {
+            sequential().await;
+        }
+        assert_eq!(pool.idle(), 1, "after {:?}", started.elapsed());
+        assert!(started.elapsed() >= idle_timeout, "{:?}", started.elapsed());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while open.load(Ordering::SeqCst) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            open.load(Ordering::SeqCst),
+            1,
+            "the backend sees them closed"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 8);
+    }
+
+    #[tokio::test]
     async fn a_body_dropped_before_its_end_does_not_return_the_connection() {
-        let (address, accepted) = backend(false).await;
+        let (address, accepted, _) = backend(false).await;
         let pool = ConnectionPool::new(&address.to_string(), 8);
         drop(pool.send(get("/"), CONNECT).await.expect("a response"));
         assert_eq!(pool.idle_count.load(Ordering::SeqCst), 0);
