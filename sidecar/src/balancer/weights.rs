@@ -8,11 +8,11 @@
 //! the approach to a new capacity and cannot make the loop ring (the operator's
 //! `weights` module makes the same argument at length).
 //!
-//! The estimate falls at once and rises at the `smoothing` rate
-//! ([`follow_capacity`], shared with the operator, says why). Estimates are normalised so the best endpoint has `maxWeight`; the published weight
-//! moves at most `maxStepChange` per update, stays within `minWeight..maxWeight`, is
-//! driven down above `maxLoad` (Throttled) and zeroed above `criticalLoad` (Ejected)
-//! until the endpoint is back under `maxLoad`.
+//! The estimate falls at once and rises at the `smoothing` rate ([`follow_capacity`],
+//! shared with the operator, says why). Estimates are normalised so the best endpoint
+//! has `maxWeight`; the published weight moves at most `maxStepChange` per update,
+//! stays within `minWeight..maxWeight`, is driven down above `maxLoad` (Throttled) and
+//! zeroed above `criticalLoad` (Ejected) until the endpoint is back under `maxLoad`.
 
 use serde::Deserialize;
 use trimtab_api::balancer_policy::{EndpointState, Weighting, follow_capacity};
@@ -146,20 +146,20 @@ pub struct Weighted {
     /// again every interval an endpoint stays hot, sinking it far below its share and
     /// making it climb back at the step limit (overshoot and slow settling, measured by
     /// `benches/balancing.rs`).
-    pub smoothed: f64,
+    pub unthrottled: f64,
     /// The smoothed capacity estimate (A58 qps ÷ load, in requests per second at full
     /// utilization); `None` until a sample gives one, and again when samples stop.
     pub capacity: Option<f64>,
 }
 
 impl Weighted {
-    /// A weight that is also its own smoothed state, with no capacity known yet (a
+    /// A weight that is also its own unthrottled weight, with no capacity known yet (a
     /// fresh start).
     pub fn new(weight: f64, state: EndpointState) -> Self {
         Self {
             weight,
             state,
-            smoothed: weight,
+            unthrottled: weight,
             capacity: None,
         }
     }
@@ -219,7 +219,7 @@ pub fn compute(
     };
     // What each endpoint serves at full utilization (qps / utilization, unsmoothed), to
     // decide whether the others can absorb an endpoint's traffic if it is ejected.
-    let capacity: Vec<f64> = samples
+    let measured_capacity: Vec<f64> = samples
         .iter()
         .map(|s| {
             s.filter(|s| s.utilization > 0.0)
@@ -232,17 +232,17 @@ pub fn compute(
         .enumerate()
         .map(|(i, prev)| {
             let target = targets[i].unwrap_or(average);
-            let smoothed = if prev.weight <= 0.0 || prev.smoothed <= 0.0 {
+            let unthrottled = if prev.weight <= 0.0 || prev.unthrottled <= 0.0 {
                 // Back from ejection: start small and let the step limit ramp it up,
                 // rather than hand the endpoint that just overloaded a full share again.
                 min
             } else {
                 target.clamp(
-                    prev.smoothed * (1.0 - cfg.max_step_change).max(0.0),
-                    prev.smoothed * (1.0 + cfg.max_step_change),
+                    prev.unthrottled * (1.0 - cfg.max_step_change).max(0.0),
+                    prev.unthrottled * (1.0 + cfg.max_step_change),
                 )
             };
-            let smoothed = smoothed.clamp(min, max);
+            let unthrottled = unthrottled.clamp(min, max);
             let utilization = samples[i].map_or(0.0, |s| s.utilization);
             let mut state = load_state(prev.state, utilization, cfg);
             if state == EndpointState::Ejected {
@@ -250,8 +250,9 @@ pub fn compute(
                 // otherwise it starts a cascade. Throttle it instead.
                 let others = (0..previous.len())
                     .filter(|&j| j != i && previous[j].state != EndpointState::Ejected);
-                let (others_qps, others_capacity) =
-                    others.fold((0.0, 0.0), |(q, c), j| (q + qps[j], c + capacity[j]));
+                let (others_qps, others_capacity) = others.fold((0.0, 0.0), |(q, c), j| {
+                    (q + qps[j], c + measured_capacity[j])
+                });
                 if others_qps + qps[i] > cfg.max_load * others_capacity {
                     state = EndpointState::Throttled;
                 }
@@ -260,14 +261,14 @@ pub fn compute(
                 EndpointState::Ejected | EndpointState::Unhealthy => 0.0,
                 // Scaled toward the share that would bring it back to maxLoad.
                 EndpointState::Throttled => {
-                    (smoothed * cfg.max_load / utilization.max(cfg.max_load)).max(min)
+                    (unthrottled * cfg.max_load / utilization.max(cfg.max_load)).max(min)
                 }
-                EndpointState::Active => smoothed,
+                EndpointState::Active => unthrottled,
             };
             Weighted {
                 weight,
                 state,
-                smoothed,
+                unthrottled,
                 capacity: capacities[i],
             }
         })
@@ -483,7 +484,7 @@ mod tests {
             (published[published.len() - 5] - last).abs() < 1.0,
             "{published:?}"
         );
-        let expected = w[1].smoothed * c.max_load;
+        let expected = w[1].unthrottled * c.max_load;
         assert!((last - expected).abs() < 1e-9, "{last} vs {expected}");
     }
 
