@@ -2,6 +2,7 @@
 # Proxy overhead: the same backend, the same load generator, one run, reported as ratios.
 #
 #   bench/proxy-overhead.sh [DURATION] [CONNECTIONS]      (defaults: 10s 32)
+#   FORWARDED_HEADERS=all bench/proxy-overhead.sh ...
 #
 # direct → backend, and through trimtab-sidecar, nginx, HAProxy and Envoy, each proxy
 # with one worker thread, keep-alive to the client and to the backend, small responses.
@@ -9,11 +10,28 @@
 # request over its run: on a shared two-core machine, where wrk, the backend and the
 # proxy compete for the cores, throughput swings by a third between runs, and CPU per
 # request is the steadier comparison.
+# trimtab always adds X-Forwarded-For, -Proto, -Host and Forwarded (and the backend then
+# parses four more headers); by default nginx and HAProxy add none. With
+# FORWARDED_HEADERS=all they add the same four, so that every proxy does the same work.
 # Everything listens on 127.0.0.1 only. Prints a Markdown table for docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10s}
 connections=${2:-32}
+forwarded_headers=${FORWARDED_HEADERS:-none}
+case $forwarded_headers in
+  none) nginx_forwarded="" haproxy_forwarded="" ;;
+  all)
+    nginx_forwarded='proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header Forwarded "for=$remote_addr;host=\"$http_host\";proto=$scheme";'
+    haproxy_forwarded='  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request set-header Forwarded "for=%[src];host=\"%[req.hdr(host)]\";proto=http"'
+    ;;
+  *) echo "FORWARDED_HEADERS=$forwarded_headers: expected none or all" >&2; exit 2 ;;
+esac
 work=$PWD/target/bench/proxy-overhead
 rm -rf "$work" && mkdir -p "$work"
 
@@ -50,7 +68,8 @@ events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
   server { listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+      $nginx_forwarded } } }
 EOF
 nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
 nginx_pid=$!
@@ -67,6 +86,7 @@ defaults
   option http-keep-alive
 frontend fe
   bind 127.0.0.1:$HAPROXY
+$haproxy_forwarded
   default_backend be
 backend be
   http-reuse always
@@ -154,7 +174,7 @@ loaded_rss_kb=$(ps -o rss= -p "$sidecar_pid" | tr -d ' ')
 
 read -r n_rps _ n_p99 n_cpu <<<"${result[nginx]}"
 read -r h_rps _ h_p99 h_cpu <<<"${result[haproxy]}"
-echo "wrk -t1 -c$connections -d$duration, one worker thread per proxy, $(nproc) cores shared by all"
+echo "wrk -t1 -c$connections -d$duration, one worker thread per proxy, $(nproc) cores shared by all, FORWARDED_HEADERS=$forwarded_headers"
 echo
 echo "| path | requests/s | p50 ms | p99 ms | throughput ÷ nginx | throughput ÷ HAProxy | p99 ÷ nginx | proxy CPU µs/request | CPU ÷ nginx | CPU ÷ HAProxy |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
