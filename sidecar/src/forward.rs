@@ -6,6 +6,7 @@
 use std::{
     convert::Infallible,
     error::Error as StdError,
+    io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
@@ -27,11 +28,12 @@ use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use rand::{SeedableRng, rngs::SmallRng};
+use tokio::io::AsyncWriteExt as _;
 use trimtab_api::balancer_policy::MetricsSource;
 
 use crate::{
     balancer::weights::{ORCA_HEADER, parse_orca},
-    http_client::{ClientError, ConnectionPool, PooledBody},
+    http_client::{ClientError, PooledBody},
     outlier::Outcome,
     retry::{self, Failure},
     route::{Endpoint, NoEndpoint, RouteRuntime, now_ms},
@@ -44,11 +46,8 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// The body type of every request and response the proxy sends.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Keep-alive HTTP/1.1 connections to one endpoint.
-pub type EndpointPool = ConnectionPool<ProxyBody>;
-
 /// An endpoint's response, whose connection returns to the pool when the body ends.
-type EndpointResponse = Response<PooledBody<ProxyBody>>;
+type EndpointResponse = Response<PooledBody>;
 
 /// Idle keep-alive connections kept per endpoint (nginx's `keepalive` directive); more
 /// are closed as their responses end.
@@ -379,7 +378,7 @@ fn may_retry(route: &RouteRuntime, body: &RequestBody, retries: u32, failure: Fa
 fn classify(error: &ClientError) -> Failure {
     match error {
         ClientError::ConnectTimeout { .. } => Failure::ConnectTimeout,
-        ClientError::Connect { error, .. } if error.kind() == std::io::ErrorKind::TimedOut => {
+        ClientError::Connect { error, .. } if error.kind() == io::ErrorKind::TimedOut => {
             Failure::ConnectTimeout
         }
         ClientError::Connect { .. } => Failure::ConnectFailure,
@@ -595,7 +594,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 /// The endpoint's response, streamed back with the in-flight accounting attached to
 /// its body; a 101 is spliced into a bidirectional byte pipe.
 fn finish(
-    mut response: EndpointResponse,
+    response: EndpointResponse,
     in_flight: InFlight,
     load: LoadGuard,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
@@ -603,22 +602,22 @@ fn finish(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(async move {
-            // The guards live as long as the tunnel: it is an active request.
-            let _guards = (in_flight, load);
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
-                        tracing::debug!(error = %e, "upgraded connection closed");
-                    }
+        let (parts, body) = response.into_parts();
+        if let Some((mut upstream, read_ahead)) = body.into_upgraded() {
+            tokio::spawn(async move {
+                // The guards live as long as the tunnel: it is an active request.
+                let _guards = (in_flight, load);
+                let tunnel = async {
+                    let mut client = TokioIo::new(client_upgrade.await.map_err(io::Error::other)?);
+                    // What the endpoint sent right behind its 101 goes first.
+                    client.write_all(&read_ahead).await?;
+                    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                };
+                if let Err(e) = tunnel.await {
+                    tracing::debug!(error = %e, "upgraded connection closed");
                 }
-                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-            }
-        });
-        let (parts, _) = response.into_parts();
+            });
+        }
         return Response::from_parts(
             parts,
             Full::new(Bytes::new())
@@ -710,7 +709,7 @@ impl Drop for RetryGuard {
 
 /// A response body that releases its guards when it ends or is dropped.
 struct Tracked {
-    inner: PooledBody<ProxyBody>,
+    inner: PooledBody,
     _guards: (InFlight, LoadGuard),
 }
 

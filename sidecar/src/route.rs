@@ -21,7 +21,8 @@ use trimtab_api::{
 
 use crate::{
     balancer::{Balance, Balancer, EndpointLoad, Target, weights::LoadReport},
-    forward::{EndpointPool, MAX_IDLE_PER_ENDPOINT},
+    forward::MAX_IDLE_PER_ENDPOINT,
+    http_client::ConnectionPool,
     metrics::{EndpointMetrics, Metrics, RouteMetrics},
     outlier::{self, OutlierState},
 };
@@ -39,7 +40,7 @@ pub struct Endpoint {
     /// `host:port`.
     pub address: String,
     /// Keep-alive connections to it, kept across reloads with the endpoint.
-    pub pool: Arc<EndpointPool>,
+    pub pool: Arc<ConnectionPool>,
     /// Load signals the balancer reads.
     pub load: EndpointLoad,
     /// Passive health.
@@ -107,7 +108,7 @@ impl Endpoint {
         let authority: Authority = config.address.parse().ok()?;
         Some(Self {
             address: config.address.clone(),
-            pool: EndpointPool::new(authority.as_str(), MAX_IDLE_PER_ENDPOINT),
+            pool: ConnectionPool::new(authority.as_str(), MAX_IDLE_PER_ENDPOINT),
             load: EndpointLoad::new_at(config.weight, origin),
             outlier: OutlierState::default(),
             healthy: AtomicBool::new(true),

@@ -1,5 +1,6 @@
 //! Bad input anywhere gets an error, never a panic: the parsers of policy files,
-//! load-report headers, Retry-After and Connection headers, and the LLM gateway's
+//! load-report headers, Retry-After and Connection headers, endpoints' responses
+//! (head and chunked body), and the LLM gateway's
 //! request decoding, translation, fitting, rate-limit headers and stream mapping, fed
 //! mutated inputs from a fixed seed (a stable, bounded stand-in for a fuzzer that runs
 //! in every test run).
@@ -7,13 +8,15 @@
 
 use std::{path::Path, time::SystemTime};
 
-use http::{HeaderMap, HeaderValue};
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderValue, Method};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use trimtab_api::{balancer_policy::ProviderKind, sidecar_config::SidecarConfig};
 use trimtab_sidecar::{
     balancer::weights::parse_orca,
     config_source::parse_policies,
     forward::remove_hop_by_hop,
+    http_client::framing::{BodyLength, Chunk, ChunkedDecoder, parse_response_head},
     llm::{
         anthropic,
         decode::decode,
@@ -158,6 +161,52 @@ fn retry_after_and_connection_headers_never_panic() {
         }
         remove_hop_by_hop(&mut headers);
         assert!(!headers.contains_key(http::header::CONNECTION));
+    }
+}
+
+#[test]
+fn upstream_responses_never_panic_the_framing() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for seed in [
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;x=1\r\n, world\r\n0\r\nGrpc-Status: 0\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 2, 2\r\nConnection: keep-alive\r\n\r\nok",
+    ] {
+        for _ in 0..ITERATIONS {
+            let garbage = mutate(&mut rng, seed);
+            let step = rng.random_range(1..=garbage.len().max(1));
+            let mut buffer = BytesMut::new();
+            let mut pieces = garbage.as_bytes().chunks(step);
+            let head = loop {
+                match parse_response_head(&mut buffer, &Method::GET) {
+                    Ok(Some(head)) => break Some(head),
+                    Ok(None) => match pieces.next() {
+                        Some(piece) => buffer.extend_from_slice(piece),
+                        None => break None,
+                    },
+                    Err(e) => {
+                        assert!(!e.to_string().is_empty());
+                        break None;
+                    }
+                }
+            };
+            let Some(head) = head else { continue };
+            if head.body != BodyLength::Chunked {
+                continue;
+            }
+            let mut decoder = ChunkedDecoder::default();
+            let mut decoded = 0;
+            loop {
+                match decoder.decode(&mut buffer) {
+                    Ok(Chunk::Data(data)) => decoded += data.len(),
+                    Ok(Chunk::Incomplete) => match pieces.next() {
+                        Some(piece) => buffer.extend_from_slice(piece),
+                        None => break,
+                    },
+                    Ok(Chunk::End | Chunk::Trailers(_)) | Err(_) => break,
+                }
+            }
+            assert!(decoded <= garbage.len());
+        }
     }
 }
 

@@ -18,7 +18,7 @@ pub const MAX_BODY: usize = 8 * 1024 * 1024;
 /// The client every user shares: connections to the target's one address.
 #[derive(Debug, Clone)]
 pub struct BotClient {
-    pool: Arc<ConnectionPool<Full<Bytes>>>,
+    pool: Arc<ConnectionPool>,
     /// The target's authority as its URL spells it; a request whose URI names another
     /// is refused, so that a rendered path cannot send traffic elsewhere.
     authority: String,

@@ -8,8 +8,15 @@
 //! that bookkeeping was the largest user-space cost after hyper's own codec
 //! (docs/benchmarks.md, "Sidecar proxy overhead"). Here a pool belongs to one address,
 //! idle connections wait in a lock-free queue, and a connection goes back the moment
-//! its response body ends. The connections themselves are hyper's
-//! `client::conn::http1`, the layer linkerd2-proxy builds its own pools on.
+//! its response body ends. The connections are not hyper's `client::conn::http1`
+//! (the layer linkerd2-proxy builds its pools on) but [`connection`]: no task per
+//! connection, the request's own task reads and writes the socket, as in nginx and
+//! HAProxy. Framing is in [`framing`], parsing is httparse's.
+//!
+//! An idle connection is not watched: an endpoint's close is noticed when the
+//! connection is next taken (its socket shows readable, checked without a system
+//! call) or when it ages out. nginx watches its cached upstream connections and closes
+//! them at once; here a closed one can hold a file descriptor until then.
 //!
 //! The queue is first in, first out, so under steady traffic every idle connection is
 //! used in turn and none ever sits idle for [`POOL_IDLE_TIMEOUT`]: a burst's extra
@@ -19,6 +26,11 @@
 //! period did not need, and closes that many when it ends. No task and no lock: the
 //! response that ends a period does the trimming.
 
+mod connection;
+pub mod framing;
+#[cfg(test)]
+mod wire_tests;
+
 use std::{
     error::Error as StdError,
     pin::Pin,
@@ -26,18 +38,23 @@ use std::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header::HOST, uri::PathAndQuery};
-use hyper::{
-    body::{Body, Frame, Incoming, SizeHint},
-    client::conn::http1::{self, SendRequest},
+use http::{
+    HeaderValue, Method, Request, Response, StatusCode, Uri, header::HOST, uri::PathAndQuery,
 };
-use hyper_util::rt::TokioIo;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::net::TcpStream;
+
+pub use connection::{BodyError, ExchangeError};
+pub use framing::FramingError;
+
+use connection::{BodyState, Connection};
+use framing::ResponseHead;
 
 /// Idle connections older than this are closed instead of reused (the next request that
 /// finds one, or the pool's end, closes it).
@@ -66,9 +83,10 @@ pub enum ClientError {
         /// The cause.
         error: std::io::Error,
     },
-    /// The connection broke while the request or the response head was on the wire.
+    /// The connection broke, or the endpoint's answer was not HTTP, while the request
+    /// or the response head was on the wire.
     #[error(transparent)]
-    Exchange(hyper::Error),
+    Exchange(ExchangeError),
 }
 
 impl ClientError {
@@ -78,12 +96,12 @@ impl ClientError {
     }
 }
 
-/// Keep-alive HTTP/1.1 connections to one `host:port`, for request bodies of type `B`.
-pub struct ConnectionPool<B> {
+/// Keep-alive HTTP/1.1 connections to one `host:port`.
+pub struct ConnectionPool {
     address: String,
     /// The address as a `Host` value, for requests that carry none.
     host: HeaderValue,
-    idle: SegQueue<Idle<B>>,
+    idle: SegQueue<Idle>,
     /// Connections in `idle` (approximately: a push and its count are two steps).
     idle_count: AtomicUsize,
     max_idle: usize,
@@ -97,7 +115,7 @@ pub struct ConnectionPool<B> {
     created: Instant,
 }
 
-impl<B> std::fmt::Debug for ConnectionPool<B> {
+impl std::fmt::Debug for ConnectionPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectionPool")
             .field("address", &self.address)
@@ -106,17 +124,12 @@ impl<B> std::fmt::Debug for ConnectionPool<B> {
     }
 }
 
-struct Idle<B> {
-    sender: SendRequest<B>,
+struct Idle {
+    connection: Box<Connection>,
     since: Instant,
 }
 
-impl<B> ConnectionPool<B>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
+impl ConnectionPool {
     /// A pool for `address` (`host:port`, a name or an IP literal) that keeps at most
     /// `max_idle` idle connections; more are closed when their response ends.
     pub fn new(address: &str, max_idle: usize) -> Arc<Self> {
@@ -155,123 +168,101 @@ where
     /// The URI is sent in origin form, and `Host` is set to the address when missing.
     /// The connection returns to the pool when the response body ends; a body dropped
     /// before its end closes it.
-    pub async fn send(
+    ///
+    /// An idle connection the endpoint closed is usually seen before it is used. When
+    /// the close crosses the request on the wire instead, the request is sent again on
+    /// a new connection only if it is idempotent and has no body (RFC 9112 §9.3.1);
+    /// otherwise the caller sees the error and its retry policy decides.
+    pub async fn send<B>(
         self: &Arc<Self>,
         mut request: Request<B>,
         connect_timeout: Duration,
-    ) -> Result<Response<PooledBody<B>>, ClientError> {
+    ) -> Result<Response<PooledBody>, ClientError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
         to_origin_form(&mut request);
         if !request.headers().contains_key(HOST) {
             request.headers_mut().insert(HOST, self.host.clone());
         }
+        let resendable = request.body().is_end_stream() && is_idempotent(request.method());
         let mut stale = 0;
         loop {
-            let (mut sender, reused) = match self.checkout(stale < STALE_TRIES) {
-                Some(sender) => (sender, true),
-                None => (self.connect(connect_timeout).await?, false),
-            };
-            // A reused connection the server closed meanwhile fails here or in
-            // `try_send_request` before the request is written: it moves on.
-            if let Err(error) = sender.ready().await {
-                if reused {
-                    stale += 1;
-                    continue;
+            let (mut connection, reused) = match self.checkout(stale < STALE_TRIES) {
+                Some(connection) => (connection, true),
+                None => {
+                    let opened = Connection::open(&self.address, connect_timeout).await?;
+                    (Box::new(opened), false)
                 }
-                return Err(ClientError::Exchange(error));
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.lease(response, sender)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => {
-                        request = unsent;
-                        stale += 1;
-                    }
-                    _ => return Err(ClientError::Exchange(e.into_error())),
-                },
+            };
+            match connection.exchange(&mut request).await {
+                Ok(head) => return Ok(self.lease(head, connection)),
+                Err(e) if reused && resendable && e.nothing_received() => stale += 1,
+                Err(e) => return Err(ClientError::Exchange(e)),
             }
         }
     }
 
     /// The oldest idle connection still open and not expired, if `reuse`.
-    fn checkout(&self, reuse: bool) -> Option<SendRequest<B>> {
+    fn checkout(&self, reuse: bool) -> Option<Box<Connection>> {
         if !reuse {
             return None;
         }
-        while let Some(idle) = self.idle.pop() {
+        while let Some(mut idle) = self.idle.pop() {
             let left = self
                 .idle_count
                 .fetch_sub(1, Ordering::Relaxed)
                 .saturating_sub(1);
             self.low_water.fetch_min(left, Ordering::Relaxed);
-            if !idle.sender.is_closed() && idle.since.elapsed() < self.idle_timeout {
-                return Some(idle.sender);
+            if idle.since.elapsed() < self.idle_timeout && idle.connection.is_usable() {
+                return Some(idle.connection);
             }
         }
         None
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<SendRequest<B>, ClientError> {
-        let connecting = tokio::net::TcpStream::connect(self.address.as_str());
-        let connected = if timeout.is_zero() {
-            connecting.await
-        } else {
-            tokio::time::timeout(timeout, connecting)
-                .await
-                .map_err(|_| ClientError::ConnectTimeout {
-                    address: self.address.clone(),
-                    timeout,
-                })?
-        };
-        let stream = connected.map_err(|error| ClientError::Connect {
-            address: self.address.clone(),
-            error,
-        })?;
-        // Small requests and responses are the common case: no Nagle delay.
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ClientError::Exchange)?;
-        let address = self.address.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(%address, error = %e, "backend connection closed");
-            }
-        });
-        Ok(sender)
-    }
-
     fn lease(
         self: &Arc<Self>,
-        response: Response<Incoming>,
-        sender: SendRequest<B>,
-    ) -> Response<PooledBody<B>> {
-        // After a 101 the connection belongs to the upgrade.
-        let lease = (response.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease {
-            sender,
+        head: ResponseHead,
+        connection: Box<Connection>,
+    ) -> Response<PooledBody> {
+        let ResponseHead {
+            parts,
+            body,
+            keep_alive,
+        } = head;
+        let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        let mut body = PooledBody {
+            // After a 101 the connection belongs to the upgrade.
+            state: if upgraded {
+                BodyState::Done
+            } else {
+                BodyState::new(body)
+            },
+            connection: Some(connection),
+            upgraded,
+            keep_alive,
             pool: Arc::clone(self),
-        });
-        response.map(|inner| {
-            let mut body = PooledBody { inner, lease };
-            if body.inner.is_end_stream() {
-                // No body (HEAD, 204, 304, `content-length: 0`): free at once, as
-                // nothing may ever poll it.
-                body.release();
-            }
-            body
-        })
+        };
+        if matches!(body.state, BodyState::Done) {
+            // No body (HEAD, 204, 304, `content-length: 0`): free at once, as nothing
+            // may ever poll it.
+            body.release();
+        }
+        Response::from_parts(parts, body)
     }
 
-    fn put_back(&self, sender: SendRequest<B>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put_back(&self, connection: Box<Connection>) {
         if self.idle_count.fetch_add(1, Ordering::Relaxed) >= self.max_idle {
             self.idle_count.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         let now = Instant::now();
-        self.idle.push(Idle { sender, since: now });
+        self.idle.push(Idle {
+            connection,
+            since: now,
+        });
         self.trim_surplus(now);
     }
 
@@ -292,7 +283,7 @@ where
         }
         let surplus = self.low_water.swap(usize::MAX, Ordering::Relaxed);
         for _ in 0..surplus.min(self.idle()) {
-            // Dropping the sender ends its connection's task, which closes the socket.
+            // Dropping the connection closes its socket.
             if self.idle.pop().is_none() {
                 break;
             }
@@ -314,69 +305,91 @@ fn to_origin_form<B>(request: &mut Request<B>) {
     }
 }
 
-struct Lease<B> {
-    sender: SendRequest<B>,
-    pool: Arc<ConnectionPool<B>>,
+/// RFC 9110 §9.2.2.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
-/// A response body from a pooled connection: the connection goes back to its pool when
-/// the body ends.
-pub struct PooledBody<B> {
-    inner: Incoming,
-    lease: Option<Lease<B>>,
+/// A response body read from its pooled connection by whoever polls it; the
+/// connection goes back to the pool when the body ends, and is closed when the body
+/// is dropped before.
+pub struct PooledBody {
+    state: BodyState,
+    /// Boxed: responses move through several futures, and a connection is large.
+    connection: Option<Box<Connection>>,
+    /// Whether the response was a `101 Switching Protocols`, after which the
+    /// connection is the upgrade's.
+    upgraded: bool,
+    keep_alive: bool,
+    pool: Arc<ConnectionPool>,
 }
 
-impl<B> std::fmt::Debug for PooledBody<B> {
+impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PooledBody")
-            .field("inner", &self.inner)
+            .field("state", &self.state)
+            .field("address", &self.pool.address)
             .finish_non_exhaustive()
     }
 }
 
-impl<B> PooledBody<B>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
+impl PooledBody {
+    /// After a `101 Switching Protocols`: the socket to the endpoint and the bytes it
+    /// already sent past the response head.
+    pub fn into_upgraded(mut self) -> Option<(TcpStream, Bytes)> {
+        let connection = self.connection.take().filter(|_| self.upgraded)?;
+        Some(connection.into_upgraded())
+    }
+
     fn release(&mut self) {
-        if let Some(Lease { sender, pool }) = self.lease.take() {
-            pool.put_back(sender);
+        if self.upgraded {
+            return;
+        }
+        if let Some(connection) = self.connection.take()
+            && self.keep_alive
+            && !connection.has_unread()
+        {
+            self.pool.put_back(connection);
         }
     }
 }
 
-impl<B> Body for PooledBody<B>
-where
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-{
+impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let Some(connection) = this.connection.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = ready!(connection.poll_body(&mut this.state, cx));
         match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            None => this.release(),
+            Some(Ok(_)) if matches!(this.state, BodyState::Done) => this.release(),
             // A connection that broke mid-body is not reused.
-            Poll::Ready(Some(Err(_))) => self.lease = None,
-            _ => {}
+            Some(Err(_)) => this.connection = None,
+            Some(Ok(_)) => {}
         }
-        polled
+        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        matches!(self.state, BodyState::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.state {
+            BodyState::Done => SizeHint::with_exact(0),
+            BodyState::Remaining(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -398,7 +411,8 @@ mod tests {
     use std::{convert::Infallible, net::SocketAddr};
 
     use http_body_util::{BodyExt, Empty, Full};
-    use hyper::{server::conn::http1 as server, service::service_fn};
+    use hyper::{body::Incoming, server::conn::http1 as server, service::service_fn};
+    use hyper_util::rt::TokioIo;
 
     use super::*;
 
@@ -444,7 +458,7 @@ mod tests {
         Request::get(uri).body(Empty::new()).expect("a request")
     }
 
-    async fn text(response: Response<PooledBody<Empty<Bytes>>>) -> String {
+    async fn text(response: Response<PooledBody>) -> String {
         let body = response.into_body().collect().await.expect("a body");
         String::from_utf8(body.to_bytes().to_vec()).expect("utf-8")
     }
