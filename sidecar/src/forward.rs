@@ -19,10 +19,9 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version,
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode,
     header::{self, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, Entry, HOST, UPGRADE},
     request::Parts,
-    uri::PathAndQuery,
 };
 use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -279,11 +278,10 @@ async fn attempt_all(
         last_tried.store(index, Ordering::Relaxed);
         let endpoint = Arc::clone(&route.endpoints[index]);
         let load = LoadGuard::new(Arc::clone(&endpoint));
-        let request = upstream_request(parts, body.take());
         let started = Instant::now();
         let result = endpoint
             .pool
-            .send(request, route.config.timeouts.connect.get())
+            .send_parts(parts, body.take(), route.config.timeouts.connect.get())
             .await;
         let elapsed = started.elapsed();
         let failure = match result {
@@ -408,23 +406,6 @@ fn describe(error: &dyn StdError) -> String {
         source = e.source();
     }
     text
-}
-
-/// The request to an endpoint, in origin form; the endpoint's pool adds its address as
-/// `Host` when the request has none.
-fn upstream_request(parts: &Parts, body: ProxyBody) -> Request<ProxyBody> {
-    // The parsed path is reused: building the URI from text parsed it again.
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut request = Request::new(body);
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = Uri::from(path);
-    *request.version_mut() = Version::HTTP_11;
-    *request.headers_mut() = parts.headers.clone();
-    request
 }
 
 /// Removes hop-by-hop headers and adds `X-Forwarded-*` and `Forwarded` (RFC 7239).

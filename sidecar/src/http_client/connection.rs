@@ -20,7 +20,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt as _;
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, StatusCode, request};
 use hyper::body::{Body, Frame};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -158,13 +158,15 @@ impl Connection {
         }
     }
 
-    /// Writes `request` and reads the response head. The request's body is sent while
-    /// the head is awaited, so an endpoint that answers before reading the whole body
-    /// is heard; the connection then cannot be reused. The body stays in `request`, so a
-    /// request whose body was empty can be sent again elsewhere.
+    /// Writes the request of `head` and `body` and reads the response head. The body
+    /// is sent while the head is awaited, so an endpoint that answers before reading
+    /// the whole body is heard; the connection then cannot be reused. `Host` is
+    /// `default_host` when the head has none.
     pub async fn exchange<B>(
         &mut self,
-        request: &mut Request<B>,
+        head: &request::Parts,
+        body: &mut B,
+        default_host: &HeaderValue,
     ) -> Result<ResponseHead, ExchangeError>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -173,20 +175,21 @@ impl Connection {
         let Self { io, read, write } = self;
         let (mut reader, mut writer) = io.split();
         write.clear();
-        let body_ended = request.body().is_end_stream();
+        let body_ended = body.is_end_stream();
         let framing = framing::encode_request_head(
-            request,
-            request.body().size_hint().exact(),
+            head,
+            default_host,
+            body.size_hint().exact(),
             body_ended,
             write,
         );
-        let method = request.method().clone();
+        let method = &head.method;
         if body_ended || framing == RequestFraming::Empty {
             writer.write_all(write).await.map_err(ExchangeError::Io)?;
-            return read_head(&mut reader, read, &method).await;
+            return read_head(&mut reader, read, method).await;
         }
-        let mut sending = pin!(send_body(&mut writer, write, request.body_mut(), framing));
-        let mut receiving = pin!(read_head(&mut reader, read, &method));
+        let mut sending = pin!(send_body(&mut writer, write, body, framing));
+        let mut receiving = pin!(read_head(&mut reader, read, method));
         let mut sent = false;
         let mut write_failed = None;
         loop {

@@ -10,9 +10,9 @@ use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Version,
-    header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING},
-    response,
+    HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version,
+    header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING},
+    request, response,
 };
 
 /// A response head may be at most this long (hyper's default read buffer limit is
@@ -110,34 +110,45 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Appends the request line and headers of `request` to `out`, with the framing
-/// headers its body needs, and says which framing that is. `exact_length` is the body's
-/// exact size when known and `ends_at_once` whether it is already over (an empty body).
-/// Framing headers the request carried are replaced: the body decides.
-pub fn encode_request_head<B>(
-    request: &Request<B>,
+/// Appends the request line and headers of `head` to `out`, with `Host:
+/// default_host` when the head has none and the framing headers its body needs, and
+/// says which framing that is. `exact_length` is the body's exact size when known and
+/// `ends_at_once` whether it is already over (an empty body). Framing headers the
+/// request carried are replaced: the body decides. The target is sent in origin form
+/// (path and query), whatever form the head's URI has.
+pub fn encode_request_head(
+    head: &request::Parts,
+    default_host: &HeaderValue,
     exact_length: Option<u64>,
     ends_at_once: bool,
     out: &mut Vec<u8>,
 ) -> RequestFraming {
-    let method = request.method();
+    let method = &head.method;
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
-        request
-            .uri()
+        head.uri
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .as_bytes(),
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in request.headers() {
+    let mut has_host = false;
+    let mut has_length = false;
+    for (name, value) in &head.headers {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            has_length |= name == CONTENT_LENGTH;
             continue;
         }
+        has_host |= name == HOST;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(default_host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     let framing = match (ends_at_once, exact_length) {
@@ -145,7 +156,7 @@ pub fn encode_request_head<B>(
         // method gives a body meaning (POST, PUT, PATCH and others) or the client
         // sent one.
         (true, _) | (_, Some(0))
-            if !request.headers().contains_key(CONTENT_LENGTH)
+            if !has_length
                 && matches!(
                     *method,
                     Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
@@ -493,9 +504,19 @@ impl ChunkedDecoder {
 
 #[cfg(test)]
 mod tests {
-    use http::header::HOST;
+    use http::Request;
 
     use super::*;
+
+    fn encode(
+        request: Request<()>,
+        exact: Option<u64>,
+        ended: bool,
+        out: &mut Vec<u8>,
+    ) -> RequestFraming {
+        let host = HeaderValue::from_static("10.0.0.1:80");
+        encode_request_head(&request.into_parts().0, &host, exact, ended, out)
+    }
 
     fn head(text: &str, method: &Method) -> Result<Option<ResponseHead>, FramingError> {
         parse_response_head(&mut BytesMut::from(text), method)
@@ -510,46 +531,59 @@ mod tests {
 
     #[test]
     fn a_get_without_a_body_is_sent_without_framing_headers() {
-        let request = Request::get("/a?b=1")
+        let request = Request::get("http://shop/a?b=1")
             .header(HOST, "shop")
             .body(())
             .expect("request");
         let mut out = Vec::new();
         assert_eq!(
-            encode_request_head(&request, Some(0), true, &mut out),
+            encode(request, Some(0), true, &mut out),
             RequestFraming::Empty
         );
         assert_eq!(out, b"GET /a?b=1 HTTP/1.1\r\nhost: shop\r\n\r\n");
+        out.clear();
+        let without_host = Request::get("/").body(()).expect("request");
+        encode(without_host, Some(0), true, &mut out);
+        assert_eq!(out, b"GET / HTTP/1.1\r\nhost: 10.0.0.1:80\r\n\r\n");
     }
 
     #[test]
     fn a_body_sets_its_own_framing_over_what_the_request_said() {
-        let request = Request::post("/")
-            .header(CONTENT_LENGTH, "99")
-            .header(TRANSFER_ENCODING, "gzip")
-            .body(())
-            .expect("request");
+        let request = || {
+            Request::post("/")
+                .header(HOST, "h")
+                .header(CONTENT_LENGTH, "99")
+                .header(TRANSFER_ENCODING, "gzip")
+                .body(())
+                .expect("request")
+        };
         let mut out = Vec::new();
         assert_eq!(
-            encode_request_head(&request, Some(12), false, &mut out),
+            encode(request(), Some(12), false, &mut out),
             RequestFraming::Length(12)
         );
-        assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 12\r\n\r\n"
+        );
         out.clear();
         assert_eq!(
-            encode_request_head(&request, None, false, &mut out),
+            encode(request(), None, false, &mut out),
             RequestFraming::Chunked
         );
         assert_eq!(
             out,
-            b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"POST / HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
         );
         out.clear();
         assert_eq!(
-            encode_request_head(&request, Some(0), true, &mut out),
+            encode(request(), Some(0), true, &mut out),
             RequestFraming::Length(0)
         );
-        assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n"
+        );
     }
 
     #[test]

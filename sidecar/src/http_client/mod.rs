@@ -44,9 +44,7 @@ use std::{
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
-use http::{
-    HeaderValue, Method, Request, Response, StatusCode, Uri, header::HOST, uri::PathAndQuery,
-};
+use http::{HeaderValue, Method, Request, Response, StatusCode, request};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
@@ -175,18 +173,30 @@ impl ConnectionPool {
     /// otherwise the caller sees the error and its retry policy decides.
     pub async fn send<B>(
         self: &Arc<Self>,
-        mut request: Request<B>,
+        request: Request<B>,
         connect_timeout: Duration,
     ) -> Result<Response<PooledBody>, ClientError>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
-        to_origin_form(&mut request);
-        if !request.headers().contains_key(HOST) {
-            request.headers_mut().insert(HOST, self.host.clone());
-        }
-        let resendable = request.body().is_end_stream() && is_idempotent(request.method());
+        let (head, body) = request.into_parts();
+        self.send_parts(&head, body, connect_timeout).await
+    }
+
+    /// [`Self::send`] with a request head the caller keeps, to send it again to another
+    /// endpoint on a retry: nothing of it is copied.
+    pub async fn send_parts<B>(
+        self: &Arc<Self>,
+        head: &request::Parts,
+        mut body: B,
+        connect_timeout: Duration,
+    ) -> Result<Response<PooledBody>, ClientError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let resendable = body.is_end_stream() && is_idempotent(&head.method);
         let mut stale = 0;
         loop {
             let (mut connection, reused) = match self.checkout(stale < STALE_TRIES) {
@@ -196,8 +206,8 @@ impl ConnectionPool {
                     (Box::new(opened), false)
                 }
             };
-            match connection.exchange(&mut request).await {
-                Ok(head) => return Ok(self.lease(head, connection)),
+            match connection.exchange(head, &mut body, &self.host).await {
+                Ok(response) => return Ok(self.lease(response, connection)),
                 Err(e) if reused && resendable && e.nothing_received() => stale += 1,
                 Err(e) => return Err(ClientError::Exchange(e)),
             }
@@ -290,18 +300,6 @@ impl ConnectionPool {
             self.idle_count.fetch_sub(1, Ordering::Relaxed);
         }
         self.low_water.fetch_min(self.idle(), Ordering::Relaxed);
-    }
-}
-
-/// A request's URI as HTTP/1.1 sends it to an origin server: path and query only.
-fn to_origin_form<B>(request: &mut Request<B>) {
-    if request.uri().scheme().is_some() || request.uri().authority().is_some() {
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *request.uri_mut() = Uri::from(path);
     }
 }
 
@@ -410,6 +408,7 @@ pub fn error_chain(error: &dyn StdError) -> String {
 mod tests {
     use std::{convert::Infallible, net::SocketAddr};
 
+    use http::header::HOST;
     use http_body_util::{BodyExt, Empty, Full};
     use hyper::{body::Incoming, server::conn::http1 as server, service::service_fn};
     use hyper_util::rt::TokioIo;
