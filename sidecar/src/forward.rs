@@ -32,7 +32,7 @@ use trimtab_api::balancer_policy::MetricsSource;
 
 use crate::{
     balancer::weights::{ORCA_HEADER, parse_orca},
-    http_client::{ClientError, PooledBody},
+    http_client::{ClientError, PooledBody, framing::HOP_BY_HOP},
     outlier::Outcome,
     retry::{self, Failure},
     route::{Endpoint, NoEndpoint, RouteRuntime, now_ms},
@@ -60,21 +60,6 @@ pub const RETRY_BUFFER_LIMIT: u64 = 64 * 1024;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-const HOP_BY_HOP_COUNT: usize = 7;
-/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the obsolete `Proxy-Connection` and
-/// `Keep-Alive` that clients still send): they describe one connection and must not
-/// be forwarded. Headers named in `Connection` are removed too. A `static`, not a
-/// `const`: every use of a `const` array built and dropped its seven names.
-static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
-    CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    UPGRADE,
-];
 
 /// The client end of one accepted connection. The header values that name it are
 /// formatted once per connection: formatting them per request was a measurable share of
@@ -525,7 +510,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds what is present: most requests carry none, and most
     // responses only `Connection: keep-alive`. Removing all seven blindly hashed seven
     // names per message.
-    let mut present = [false; HOP_BY_HOP_COUNT];
+    let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present[i] = true;
@@ -606,8 +591,8 @@ fn finish(
                 .boxed_unsync(),
         );
     }
-    let (mut parts, body) = response.into_parts();
-    remove_hop_by_hop(&mut parts.headers);
+    // The pool consumed the response's hop-by-hop fields.
+    let (parts, body) = response.into_parts();
     let body = Tracked {
         inner: body,
         _guards: (in_flight, load),

@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 use bytes::{Bytes, BytesMut};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version,
-    header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING},
+    header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE},
     request, response,
 };
 
@@ -214,7 +214,9 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 /// Parses a response head from the front of `buffer`, removing it. `Ok(None)` means
 /// more bytes are needed. Informational responses (1xx other than 101) are returned
-/// too; the caller skips them.
+/// too; the caller skips them. Hop-by-hop fields ([`HOP_BY_HOP`] and those
+/// `Connection` names) are consumed here, as they describe this connection, except in
+/// a 101, whose `Upgrade` and `Connection` the client needs.
 pub fn parse_response_head(
     buffer: &mut BytesMut,
     request_method: &Method,
@@ -263,8 +265,16 @@ pub fn parse_response_head(
         };
         (length, response.code.unwrap_or_default(), version, fields)
     };
+    let status = StatusCode::from_u16(status).map_err(|_| FramingError::Head {
+        reason: httparse::Error::Status,
+        received: length,
+    })?;
+    // After a 101 the upgrade's own fields (`Upgrade`, `Connection: upgrade`) go to the
+    // client; otherwise connection-specific fields stay here.
+    let keep_hop_by_hop = status == StatusCode::SWITCHING_PROTOCOLS;
     let head = buffer.split_to(length).freeze();
     let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut connection = ConnectionFields::default();
     for (name, value) in fields {
         let name = &head[name];
         let invalid = || FramingError::Header {
@@ -272,14 +282,18 @@ pub fn parse_response_head(
         };
         let name = HeaderName::from_bytes(name).map_err(|_| invalid())?;
         let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| invalid())?;
+        if connection.observe(&name, &value) && !keep_hop_by_hop {
+            continue;
+        }
         headers.append(name, value);
     }
-    let status = StatusCode::from_u16(status).map_err(|_| FramingError::Head {
-        reason: httparse::Error::Status,
-        received: length,
-    })?;
-    let body = body_length(request_method, status, &headers)?;
-    let keep_alive = body != BodyLength::UntilClose && keeps_alive(version, &headers);
+    if !keep_hop_by_hop {
+        for name in &connection.listed {
+            headers.remove(name);
+        }
+    }
+    let body = body_length(request_method, status, &connection, &headers)?;
+    let keep_alive = body != BodyLength::UntilClose && connection.keeps_alive(version);
     let (mut parts, ()) = http::Response::new(()).into_parts();
     parts.status = status;
     parts.version = version;
@@ -291,10 +305,98 @@ pub fn parse_response_head(
     }))
 }
 
+/// Hop-by-hop fields (RFC 9110 §7.6.1, plus the obsolete `Proxy-Connection` and
+/// `Keep-Alive` that peers still send): they describe one connection and are not
+/// forwarded. Fields that `Connection` names are hop-by-hop too. A `static`, not a
+/// `const`: every use of a `const` array built and dropped its seven names.
+pub static HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// What a response's framing and connection fields say, gathered while its header map
+/// is built: looking them up afterwards hashed each name again.
+#[derive(Debug, Default)]
+struct ConnectionFields {
+    /// Whether the last transfer coding is chunked, when any field names one.
+    chunked_last: Option<bool>,
+    /// The content length all `Content-Length` values agree on.
+    content_length: Option<u64>,
+    /// `Content-Length` values disagree or are not numbers.
+    content_length_invalid: bool,
+    close: bool,
+    keep_alive: bool,
+    /// Other fields `Connection` names, which are hop-by-hop as well.
+    listed: Vec<HeaderName>,
+}
+
+impl ConnectionFields {
+    /// Takes note of one field; says whether it is hop-by-hop.
+    fn observe(&mut self, name: &HeaderName, value: &HeaderValue) -> bool {
+        if name == CONTENT_LENGTH {
+            for item in value.as_bytes().split(|&b| b == b',') {
+                match (parse_decimal(item.trim_ascii()), self.content_length) {
+                    (Some(n), None) => self.content_length = Some(n),
+                    (Some(n), Some(seen)) if n == seen => {}
+                    _ => self.content_length_invalid = true,
+                }
+            }
+            return false;
+        }
+        if !HOP_BY_HOP.contains(name) {
+            return false;
+        }
+        if name == TRANSFER_ENCODING {
+            // Chunked must be the final coding; anything else is read until close.
+            if let Some(last) = tokens(value).last() {
+                self.chunked_last = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if name == CONNECTION {
+            for token in tokens(value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if let Ok(listed) = HeaderName::from_bytes(token)
+                    && !HOP_BY_HOP.contains(&listed)
+                {
+                    self.listed.push(listed);
+                }
+            }
+        }
+        true
+    }
+
+    /// RFC 9112 §9.3: HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0
+    /// closes it unless told `keep-alive`.
+    fn keeps_alive(&self, version: Version) -> bool {
+        if version == Version::HTTP_10 {
+            self.keep_alive && !self.close
+        } else {
+            !self.close
+        }
+    }
+}
+
+/// The non-empty items of a comma-separated field value, trimmed.
+fn tokens(value: &HeaderValue) -> impl Iterator<Item = &[u8]> {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.is_empty())
+}
+
 /// RFC 9112 §6.3: how a response's body is delimited.
 fn body_length(
     method: &Method,
     status: StatusCode,
+    fields: &ConnectionFields,
     headers: &HeaderMap,
 ) -> Result<BodyLength, FramingError> {
     if method == Method::HEAD
@@ -304,34 +406,24 @@ fn body_length(
     {
         return Ok(BodyLength::Empty);
     }
-    let mut encodings = headers.get_all(TRANSFER_ENCODING).iter().peekable();
-    if encodings.peek().is_some() {
-        // Chunked must be the final coding; anything else is read until close.
-        let last = encodings
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|coding| !coding.is_empty());
-        return Ok(match last {
-            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => BodyLength::Chunked,
-            _ => BodyLength::UntilClose,
+    if let Some(chunked) = fields.chunked_last {
+        return Ok(if chunked {
+            BodyLength::Chunked
+        } else {
+            BodyLength::UntilClose
         });
     }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let parsed = parse_decimal(item.trim_ascii());
-            match (parsed, length) {
-                (Some(n), None) => length = Some(n),
-                (Some(n), Some(seen)) if n == seen => {}
-                _ => {
-                    return Err(FramingError::ContentLength {
-                        value: joined(headers, &CONTENT_LENGTH),
-                    });
-                }
-            }
-        }
+    if fields.content_length_invalid {
+        return Err(FramingError::ContentLength {
+            value: headers
+                .get_all(CONTENT_LENGTH)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
     }
-    Ok(match length {
+    Ok(match fields.content_length {
         Some(0) => BodyLength::Empty,
         Some(n) => BodyLength::Known(n),
         None => BodyLength::UntilClose,
@@ -345,32 +437,6 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0_u64, |n, &d| {
         d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
     })
-}
-
-fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
-    headers
-        .get_all(name)
-        .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// RFC 9112 §9.3: HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 closes
-/// it unless told `keep-alive`.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &[u8]| {
-        headers.get_all(CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
-    if version == Version::HTTP_10 {
-        has(b"keep-alive")
-    } else {
-        !has(b"close")
-    }
 }
 
 /// What the chunked decoder found next in its buffer.
@@ -680,6 +746,25 @@ mod tests {
             let error = head(&text, &Method::GET).expect_err(value);
             assert!(error.to_string().contains("content-length"), "{error}");
         }
+    }
+
+    #[test]
+    fn hop_by_hop_fields_stay_with_the_connection_except_in_a_101() {
+        let text = "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\n\
+            X-Hop: 1\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\nX-End-To-End: 2\r\n\r\n";
+        let head = head(text, &Method::GET).expect("valid").expect("complete");
+        let names: Vec<_> = head.parts.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-end-to-end"]);
+        assert_eq!(head.body, BodyLength::Chunked);
+        let upgrade =
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let head = head_of(upgrade);
+        assert_eq!(head.parts.headers["upgrade"], "websocket");
+        assert_eq!(head.parts.headers["connection"], "upgrade");
+    }
+
+    fn head_of(text: &str) -> ResponseHead {
+        head(text, &Method::GET).expect("valid").expect("complete")
     }
 
     #[test]
