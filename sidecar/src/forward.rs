@@ -8,7 +8,7 @@ use std::{
     error::Error as StdError,
     io,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
+    pin::{Pin, pin},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -156,11 +156,14 @@ async fn forward(
 
     let last_tried = AtomicUsize::new(usize::MAX);
     let request_timeout = route.config.timeouts.request.get();
-    let attempts = attempt_all(&route, &parts, &mut body, &last_tried);
+    // Pinned where it is: `timeout` takes its future by value, and moving this one
+    // (it holds the whole exchange's state) into it was a kilobyte-sized copy per
+    // request.
+    let mut attempts = pin!(attempt_all(&route, &parts, &mut body, &last_tried));
     let outcome = if request_timeout.is_zero() {
         Ok(attempts.await)
     } else {
-        tokio::time::timeout(request_timeout, attempts).await
+        tokio::time::timeout(request_timeout, attempts.as_mut()).await
     };
     let attempt = match outcome {
         Ok(attempt) => attempt,
@@ -409,6 +412,9 @@ fn prepare_request_headers(parts: &mut Parts, peer: &Peer, upgrade: Option<Heade
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(UPGRADE, upgrade);
     }
+    // Room for the four forwarding fields at once, rather than growing the map (and
+    // rehashing what it holds) while adding them.
+    parts.headers.reserve(4);
     // Each header is looked up once, through its entry: every lookup hashes the name.
     match parts.headers.entry(X_FORWARDED_FOR) {
         Entry::Occupied(mut existing) => {
