@@ -3,6 +3,11 @@
 #
 #   bench/proxy-overhead.sh [DURATION] [CONNECTIONS]      (defaults: 10s 32)
 #   FORWARDED_HEADERS=all bench/proxy-overhead.sh ...
+#   ROUNDS=5 bench/proxy-overhead.sh 5s 32
+#
+# ROUNDS (default 1) measures every path that many times, in an order that rotates from
+# round to round, and reports each figure's median over the rounds, and the trimtab
+# ratios of every round: on this machine one round's ratios can move by a third.
 #
 # direct → backend, and through trimtab-sidecar, nginx, HAProxy and Envoy, each proxy
 # with one worker thread, keep-alive to the client and to the backend, small responses.
@@ -165,16 +170,33 @@ run() { # name port -> "rps p50_ms p99_ms cpu_us_per_request"
 }
 to_ms() { awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'; }
 
+rounds=${ROUNDS:-1}
+targets=(direct:$BACKEND trimtab:$TRIMTAB nginx:$NGINX haproxy:$HAPROXY envoy:$ENVOY)
+declare -A samples
+for ((round = 0; round < rounds; round++)); do
+  for ((i = 0; i < ${#targets[@]}; i++)); do
+    target=${targets[(i + round) % ${#targets[@]}]}
+    name=${target%%:*}; port=${target##*:}
+    samples[$name,$round]=$(run "$name" "$port")
+  done
+done
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 declare -A result
-for target in direct:$BACKEND trimtab:$TRIMTAB nginx:$NGINX haproxy:$HAPROXY envoy:$ENVOY; do
-  name=${target%%:*}; port=${target##*:}
-  result[$name]=$(run "$name" "$port")
+for target in "${targets[@]}"; do
+  name=${target%%:*}
+  row=""
+  for column in 1 2 3 4; do
+    row+="$(for ((round = 0; round < rounds; round++)); do
+      awk -v c="$column" '{ print $c }' <<<"${samples[$name,$round]}"
+    done | median) "
+  done
+  result[$name]=$row
 done
 loaded_rss_kb=$(ps -o rss= -p "$sidecar_pid" | tr -d ' ')
 
 read -r n_rps _ n_p99 n_cpu <<<"${result[nginx]}"
 read -r h_rps _ h_p99 h_cpu <<<"${result[haproxy]}"
-echo "wrk -t1 -c$connections -d$duration, one worker thread per proxy, $(nproc) cores shared by all, FORWARDED_HEADERS=$forwarded_headers"
+echo "wrk -t1 -c$connections -d$duration, one worker thread per proxy, $(nproc) cores shared by all, FORWARDED_HEADERS=$forwarded_headers, $rounds round(s)$( ((rounds > 1)) && echo ", medians")"
 echo
 echo "| path | requests/s | p50 ms | p99 ms | throughput ÷ nginx | throughput ÷ HAProxy | p99 ÷ nginx | proxy CPU µs/request | CPU ÷ nginx | CPU ÷ HAProxy |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
@@ -185,5 +207,17 @@ for name in direct trimtab nginx haproxy envoy; do
     'BEGIN { printf "| %s | %.0f | %.3f | %.3f | %.2f | %.2f | %.2f |", n, r, a, b, r/nr, r/hr, b/np
              if (n == "direct") print " – | – | – |"; else printf " %.2f | %.2f | %.2f |\n", c, c/nc, c/hc }'
 done
+if ((rounds > 1)); then
+  echo
+  echo "trimtab per round (throughput ÷ nginx, ÷ HAProxy; p99 ÷ nginx; CPU ÷ nginx, ÷ HAProxy):"
+  for ((round = 0; round < rounds; round++)); do
+    read -r t_rps _ t_p99 t_cpu <<<"${samples[trimtab,$round]}"
+    read -r rn_rps _ rn_p99 rn_cpu <<<"${samples[nginx,$round]}"
+    read -r rh_rps _ _ rh_cpu <<<"${samples[haproxy,$round]}"
+    awk -v r=$((round + 1)) -v t="$t_rps" -v n="$rn_rps" -v h="$rh_rps" -v tp="$t_p99" -v np="$rn_p99" \
+      -v tc="$t_cpu" -v nc="$rn_cpu" -v hc="$rh_cpu" \
+      'BEGIN { printf "- round %d: %.2f, %.2f; %.2f; %.2f, %.2f\n", r, t/n, t/h, tp/np, tc/nc, tc/hc }'
+  done
+fi
 echo
 echo "trimtab-sidecar RSS: idle $((idle_rss_kb / 1024)) MB, after the run $((loaded_rss_kb / 1024)) MB"

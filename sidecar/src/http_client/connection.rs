@@ -297,7 +297,7 @@ where
             None => break,
             Some(frame) => frame.map_err(|e| ExchangeError::RequestBody(e.into()))?,
         };
-        let frame = match frame.into_data() {
+        let data = match frame.into_data() {
             Ok(data) => data,
             Err(frame) => {
                 if let (Ok(trailers), RequestFraming::Chunked) = (frame.into_trailers(), framing) {
@@ -307,7 +307,6 @@ where
                 continue;
             }
         };
-        let data = frame;
         if data.is_empty() {
             continue;
         }
@@ -328,6 +327,10 @@ where
         }
         if framing == RequestFraming::Chunked {
             out.extend_from_slice(b"\r\n");
+        }
+        // A body whose small frames are always ready must not pile up here.
+        if out.len() >= COALESCE_LIMIT {
+            flush(writer, out).await?;
         }
     }
     match (framing, declared) {
