@@ -292,6 +292,11 @@ pub fn parse_response_head(
             headers.remove(name);
         }
     }
+    if connection.chunked_last.is_some() {
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and an
+        // intermediary removes the latter before forwarding (a smuggling vector).
+        headers.remove(CONTENT_LENGTH);
+    }
     let body = body_length(request_method, status, &connection, &headers)?;
     let keep_alive = body != BodyLength::UntilClose && connection.keeps_alive(version);
     let (mut parts, ()) = http::Response::new(()).into_parts();
@@ -712,11 +717,13 @@ mod tests {
             length_of("HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
             BodyLength::Empty
         );
-        assert_eq!(
-            length_of(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 4\r\n\r\n"
-            ),
-            BodyLength::Chunked
+        let both = head_of(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 4\r\n\r\n",
+        );
+        assert_eq!(both.body, BodyLength::Chunked);
+        assert!(
+            !both.parts.headers.contains_key(CONTENT_LENGTH),
+            "removed, not forwarded"
         );
         assert_eq!(
             length_of("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
