@@ -135,9 +135,17 @@ pub fn encode_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut has_host = false;
     let mut has_length = false;
+    // The length the request declares, when it declares exactly one.
+    let mut declared = None;
     for (name, value) in &head.headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
-            has_length |= name == CONTENT_LENGTH;
+        if name == CONTENT_LENGTH {
+            declared = (!has_length)
+                .then(|| parse_decimal(value.as_bytes().trim_ascii()))
+                .flatten();
+            has_length = true;
+            continue;
+        }
+        if name == TRANSFER_ENCODING {
             continue;
         }
         has_host |= name == HOST;
@@ -166,7 +174,9 @@ pub fn encode_request_head(
         }
         (true, _) => RequestFraming::Length(0),
         (false, Some(length)) => RequestFraming::Length(length),
-        (false, None) => RequestFraming::Chunked,
+        // A streamed body that does not know its size keeps the length the request
+        // declares (many servers refuse chunked uploads); the body is held to it.
+        (false, None) => declared.map_or(RequestFraming::Chunked, RequestFraming::Length),
     };
     match framing {
         RequestFraming::Empty => {}
@@ -637,9 +647,24 @@ mod tests {
             out,
             b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 12\r\n\r\n"
         );
+        // A body of unknown size keeps the declared length ...
         out.clear();
         assert_eq!(
             encode(request(), None, false, &mut out),
+            RequestFraming::Length(99)
+        );
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: h\r\ncontent-length: 99\r\n\r\n"
+        );
+        // ... and is chunked without one.
+        out.clear();
+        let undeclared = Request::post("/")
+            .header(HOST, "h")
+            .body(())
+            .expect("request");
+        assert_eq!(
+            encode(undeclared, None, false, &mut out),
             RequestFraming::Chunked
         );
         assert_eq!(

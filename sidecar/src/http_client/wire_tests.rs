@@ -372,3 +372,76 @@ async fn a_close_that_crosses_a_request_resends_a_get_but_not_a_post() {
     );
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn a_megabyte_goes_up_and_another_comes_back_on_one_connection() {
+    const SIZE: usize = 1024 * 1024;
+    let (address, accepted) = scripted(|_, mut stream| async move {
+        while let Some(head) = read_head(&mut stream).await {
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length: "))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0_u8; length];
+            if stream.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let sum: u64 = body.iter().map(|&b| u64::from(b)).sum();
+            let reply =
+                format!("HTTP/1.1 200 OK\r\nX-Sum: {sum}\r\nContent-Length: {SIZE}\r\n\r\n");
+            let payload: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+            if stream.write_all(reply.as_bytes()).await.is_err()
+                || stream.write_all(&payload).await.is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let pool = ConnectionPool::new(&address.to_string(), 8);
+    for _ in 0..2 {
+        // 128 frames of 8 KiB with the length known: sent as they come, not gathered.
+        let frames = futures_util::stream::iter((0..128).map(|i| {
+            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(vec![(i % 7) as u8; 8192])))
+        }));
+        let body = BodyExt::boxed(StreamBody::new(frames));
+        let request = Request::post("/echo")
+            .header("content-length", SIZE.to_string())
+            .body(body)
+            .expect("a request");
+        let response = pool.send(request, CONNECT).await.expect("a response");
+        let expected: u64 = (0..128_u64).map(|i| (i % 7) * 8192).sum();
+        assert_eq!(response.headers()["x-sum"], expected.to_string().as_str());
+        let (body, _) = collect(response).await.expect("the whole body");
+        assert_eq!(body.len(), SIZE);
+        assert!(body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_streamed_body_shorter_than_its_declared_length_is_an_error_saying_so() {
+    let (address, _) = scripted(|_, mut stream| async move {
+        read_head(&mut stream).await;
+        // Waits for the ten bytes announced, which never come.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let pool = ConnectionPool::new(&address.to_string(), 8);
+    let frames = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+        Bytes::from_static(b"abc"),
+    ))]);
+    let request = Request::post("/")
+        .header("content-length", "10")
+        .body(StreamBody::new(frames))
+        .expect("a request");
+    let error = tokio::time::timeout(Duration::from_secs(3), pool.send(request, CONNECT))
+        .await
+        .expect("no wait for an answer")
+        .expect_err("short body");
+    assert_eq!(
+        error.to_string(),
+        "request body had 3 bytes where 10 were announced"
+    );
+}
