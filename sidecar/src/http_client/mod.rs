@@ -44,7 +44,7 @@ use std::{
 
 use bytes::Bytes;
 use crossbeam_queue::SegQueue;
-use http::{HeaderValue, Method, Request, Response, StatusCode, request};
+use http::{HeaderValue, Request, Response, StatusCode, request};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
@@ -53,6 +53,8 @@ pub use framing::FramingError;
 
 use connection::{BodyState, Connection};
 use framing::ResponseHead;
+
+use crate::retry::is_idempotent;
 
 /// Idle connections older than this are closed instead of reused (the next request that
 /// finds one, or the pool's end, closes it).
@@ -301,14 +303,6 @@ impl ConnectionPool {
         }
         self.low_water.fetch_min(self.idle(), Ordering::Relaxed);
     }
-}
-
-/// RFC 9110 §9.2.2.
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// A response body read from its pooled connection by whoever polls it; the
