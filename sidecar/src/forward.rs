@@ -32,7 +32,10 @@ use trimtab_api::balancer_policy::MetricsSource;
 
 use crate::{
     balancer::weights::{ORCA_HEADER, parse_orca},
-    http_client::{ClientError, PooledBody, framing::HOP_BY_HOP},
+    http_client::{
+        ClientError, PooledBody,
+        framing::{HOP_BY_HOP, named_by_connection},
+    },
     outlier::Outcome,
     retry::{self, Failure},
     route::{Endpoint, NoEndpoint, RouteRuntime, now_ms},
@@ -513,9 +516,8 @@ fn is_loopback_host(host: &str) -> bool {
 
 /// Removes the RFC 9110 §7.6.1 hop-by-hop headers and every header `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds what is present: most requests carry none, and most
-    // responses only `Connection: keep-alive`. Removing all seven blindly hashed seven
-    // names per message.
+    // One pass over the names finds what is present: most requests carry none.
+    // Removing all seven blindly hashed seven names per message.
     let mut present = [false; HOP_BY_HOP.len()];
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
@@ -523,22 +525,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         }
     }
     if present[0] {
-        // `HOP_BY_HOP[0]` is `Connection`; the hop-by-hop names it lists go below anyway.
-        // They are the usual tokens (`keep-alive`, `close`, `upgrade`), so they are
-        // skipped by text before a `HeaderName` (an allocation) is made.
+        // `HOP_BY_HOP[0]` is `Connection`; what else it names is hop-by-hop too. A
+        // value that is not visible ASCII names nothing here.
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("close")
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| h.as_str().eq_ignore_ascii_case(token))
-            })
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .filter(|v| v.to_str().is_ok())
+            .flat_map(named_by_connection)
             .collect();
         for name in &named {
             headers.remove(name);

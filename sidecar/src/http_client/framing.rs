@@ -373,16 +373,10 @@ impl ConnectionFields {
             }
         } else if name == CONNECTION {
             for token in tokens(value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    self.close = true;
-                } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    self.keep_alive = true;
-                } else if let Ok(listed) = HeaderName::from_bytes(token)
-                    && !HOP_BY_HOP.contains(&listed)
-                {
-                    self.listed.push(listed);
-                }
+                self.close |= token.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
+            self.listed.extend(named_by_connection(value));
         }
         true
     }
@@ -396,6 +390,21 @@ impl ConnectionFields {
             !self.close
         }
     }
+}
+
+/// The fields a `Connection` value names besides `close` and [`HOP_BY_HOP`]'s own:
+/// hop-by-hop as well (RFC 9110 §7.6.1). The usual tokens (`keep-alive`, `close`,
+/// `upgrade`) are skipped by their text, before a `HeaderName` (an allocation, for a
+/// name the `http` crate does not know) is made.
+pub fn named_by_connection(value: &HeaderValue) -> impl Iterator<Item = HeaderName> + '_ {
+    tokens(value)
+        .filter(|token| {
+            !token.eq_ignore_ascii_case(b"close")
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(token))
+        })
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
 }
 
 /// The non-empty items of a comma-separated field value, trimmed.
