@@ -227,6 +227,78 @@ impl Connection {
     pub fn into_upgraded(self) -> (TcpStream, Bytes) {
         (self.io, self.read.freeze())
     }
+
+    /// Whether the endpoint sent more than its response: such a connection is not
+    /// reused.
+    pub fn has_unread(&self) -> bool {
+        !self.read.is_empty()
+    }
+
+    /// Reads the next frame of a response body. `Ready(None)` and a state of
+    /// [`BodyState::Done`] mean the body is over and the connection is positioned
+    /// after it.
+    pub fn poll_body(
+        &mut self,
+        state: &mut BodyState,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            let buffer = &mut self.read;
+            match state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Remaining(left) if !buffer.is_empty() => {
+                    let take = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(buffer.len());
+                    *left -= take as u64;
+                    if *left == 0 {
+                        *state = BodyState::Done;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(buffer.split_to(take).freeze()))));
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(buffer) {
+                    Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Chunk::Trailers(trailers)) => {
+                        *state = BodyState::Done;
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Ok(Chunk::End) => {
+                        *state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Chunk::Incomplete) => {}
+                    Err(e) => return Poll::Ready(Some(Err(BodyError::Framing(e)))),
+                },
+                BodyState::UntilClose if !buffer.is_empty() => {
+                    return Poll::Ready(Some(Ok(Frame::data(buffer.split().freeze()))));
+                }
+                BodyState::Remaining(_) | BodyState::UntilClose => {}
+            }
+            make_room(buffer);
+            let read = ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut self.io),
+                cx,
+                buffer
+            ));
+            match read {
+                Ok(0) => {
+                    let missing = match state {
+                        BodyState::UntilClose => {
+                            *state = BodyState::Done;
+                            return Poll::Ready(None);
+                        }
+                        BodyState::Remaining(left) => {
+                            format!("with {left} bytes of the body unread")
+                        }
+                        _ => "before the chunked body's last chunk".to_owned(),
+                    };
+                    return Poll::Ready(Some(Err(BodyError::Closed { missing })));
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(BodyError::Io(e)))),
+            }
+        }
+    }
 }
 
 /// Reads until a final response head is complete, skipping interim (1xx) responses
@@ -372,80 +444,6 @@ impl BodyState {
             BodyLength::Known(n) => Self::Remaining(n),
             BodyLength::Chunked => Self::Chunked(ChunkedDecoder::default()),
             BodyLength::UntilClose => Self::UntilClose,
-        }
-    }
-}
-
-impl Connection {
-    /// Whether the endpoint sent more than its response: such a connection is not
-    /// reused.
-    pub fn has_unread(&self) -> bool {
-        !self.read.is_empty()
-    }
-
-    /// Reads the next frame of a response body. `Ready(None)` and a state of
-    /// [`BodyState::Done`] mean the body is over and the connection is positioned
-    /// after it.
-    pub fn poll_body(
-        &mut self,
-        state: &mut BodyState,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        loop {
-            let buffer = &mut self.read;
-            match state {
-                BodyState::Done => return Poll::Ready(None),
-                BodyState::Remaining(left) if !buffer.is_empty() => {
-                    let take = usize::try_from(*left)
-                        .unwrap_or(usize::MAX)
-                        .min(buffer.len());
-                    *left -= take as u64;
-                    if *left == 0 {
-                        *state = BodyState::Done;
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(buffer.split_to(take).freeze()))));
-                }
-                BodyState::Chunked(decoder) => match decoder.decode(buffer) {
-                    Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Chunk::Trailers(trailers)) => {
-                        *state = BodyState::Done;
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                    }
-                    Ok(Chunk::End) => {
-                        *state = BodyState::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok(Chunk::Incomplete) => {}
-                    Err(e) => return Poll::Ready(Some(Err(BodyError::Framing(e)))),
-                },
-                BodyState::UntilClose if !buffer.is_empty() => {
-                    return Poll::Ready(Some(Ok(Frame::data(buffer.split().freeze()))));
-                }
-                BodyState::Remaining(_) | BodyState::UntilClose => {}
-            }
-            make_room(buffer);
-            let read = ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut self.io),
-                cx,
-                buffer
-            ));
-            match read {
-                Ok(0) => {
-                    let missing = match state {
-                        BodyState::UntilClose => {
-                            *state = BodyState::Done;
-                            return Poll::Ready(None);
-                        }
-                        BodyState::Remaining(left) => {
-                            format!("with {left} bytes of the body unread")
-                        }
-                        _ => "before the chunked body's last chunk".to_owned(),
-                    };
-                    return Poll::Ready(Some(Err(BodyError::Closed { missing })));
-                }
-                Ok(_) => {}
-                Err(e) => return Poll::Ready(Some(Err(BodyError::Io(e)))),
-            }
         }
     }
 }

@@ -6,7 +6,7 @@
 //! `http` types without copying (header values are slices of the received head) and
 //! names what was wrong, and where, when the endpoint's bytes are not HTTP.
 
-use std::mem::MaybeUninit;
+use std::{io::Write as _, mem::MaybeUninit};
 
 use bytes::{Bytes, BytesMut};
 use http::{
@@ -149,15 +149,10 @@ pub fn encode_request_head(
             continue;
         }
         has_host |= name == HOST;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(name, value.as_bytes(), out);
     }
     if !has_host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(default_host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(&HOST, default_host.as_bytes(), out);
     }
     let framing = match (ends_at_once, exact_length) {
         // RFC 9110 §8.6: a request with no body sends no Content-Length unless its
@@ -181,9 +176,7 @@ pub fn encode_request_head(
     match framing {
         RequestFraming::Empty => {}
         RequestFraming::Length(length) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(length, &mut [0; 20]));
-            out.extend_from_slice(b"\r\n");
+            encode_field(&CONTENT_LENGTH, itoa(length, &mut [0; 20]), out);
         }
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
@@ -193,19 +186,24 @@ pub fn encode_request_head(
 
 /// Appends the chunk-size line of a chunk of `length` bytes.
 pub fn encode_chunk_size(length: usize, out: &mut Vec<u8>) {
-    let digits = format!("{length:x}\r\n");
-    out.extend_from_slice(digits.as_bytes());
+    // Writing to a `Vec` cannot fail.
+    let _ = write!(out, "{length:x}\r\n");
 }
 
 /// Appends the last chunk and the trailer section.
 pub fn encode_last_chunk(trailers: Option<&HeaderMap>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"0\r\n");
     for (name, value) in trailers.into_iter().flatten() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_field(name, value.as_bytes(), out);
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one field line.
+fn encode_field(name: &HeaderName, value: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
