@@ -34,6 +34,7 @@ use super::{
     ClientError,
     framing::{
         self, BodyLength, Chunk, ChunkedDecoder, FramingError, RequestFraming, ResponseHead,
+        ResponseHeadParser,
     },
 };
 
@@ -114,6 +115,7 @@ pub struct Connection {
     read: BytesMut,
     /// The head (and small body frames) being written; kept to reuse its allocation.
     write: Vec<u8>,
+    parser: ResponseHeadParser,
 }
 
 impl Connection {
@@ -140,6 +142,7 @@ impl Connection {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
+            parser: ResponseHeadParser::default(),
         })
     }
 
@@ -172,7 +175,12 @@ impl Connection {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
-        let Self { io, read, write } = self;
+        let Self {
+            io,
+            read,
+            write,
+            parser,
+        } = self;
         let (mut reader, mut writer) = io.split();
         write.clear();
         let body_ended = body.is_end_stream();
@@ -186,10 +194,10 @@ impl Connection {
         let method = &head.method;
         if body_ended || framing == RequestFraming::Empty {
             writer.write_all(write).await.map_err(ExchangeError::Io)?;
-            return read_head(&mut reader, read, method).await;
+            return read_head(&mut reader, read, parser, method).await;
         }
         let mut sending = pin!(send_body(&mut writer, write, body, framing));
-        let mut receiving = pin!(read_head(&mut reader, read, method));
+        let mut receiving = pin!(read_head(&mut reader, read, parser, method));
         let mut sent = false;
         let mut write_failed = None;
         loop {
@@ -306,11 +314,15 @@ impl Connection {
 async fn read_head(
     reader: &mut ReadHalf<'_>,
     buffer: &mut BytesMut,
+    parser: &mut ResponseHeadParser,
     method: &Method,
 ) -> Result<ResponseHead, ExchangeError> {
     loop {
         if !buffer.is_empty() {
-            match framing::parse_response_head(buffer, method).map_err(ExchangeError::Framing)? {
+            match parser
+                .parse(buffer, method)
+                .map_err(ExchangeError::Framing)?
+            {
                 Some(head)
                     if head.parts.status.is_informational()
                         && head.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
