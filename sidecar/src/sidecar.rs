@@ -15,6 +15,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    pin::{Pin, pin},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -371,6 +372,41 @@ impl Sidecar {
 
 /// Accepts connections on one listener until told to stop; then stops accepting and
 /// asks its open connections to finish gracefully.
+/// Whether the sidecar is stopping, asked on every poll of a connection.
+///
+/// Not a `select!` over `stop.changed()`: that polled the watch's waiter on each of the
+/// connection's wake-ups (two or three per request), and each such poll takes the
+/// channel's waiter lock. The waiter, once registered by a first poll, stays registered
+/// until the channel changes; in between, a look at the version (one atomic load) says
+/// that it need not be polled again.
+struct StopSignal<F> {
+    probe: watch::Receiver<bool>,
+    changed: Pin<Box<F>>,
+    registered: bool,
+    stopped: bool,
+}
+
+impl<F: Future> StopSignal<F> {
+    fn new(probe: watch::Receiver<bool>, changed: F) -> Self {
+        Self {
+            probe,
+            changed: Box::pin(changed),
+            registered: false,
+            stopped: false,
+        }
+    }
+
+    /// True once, when the stop is first seen.
+    fn poll_stop(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if self.stopped || (self.registered && !self.probe.has_changed().unwrap_or(true)) {
+            return false;
+        }
+        self.registered = true;
+        self.stopped = self.changed.as_mut().poll(cx).is_ready();
+        self.stopped
+    }
+}
+
 async fn accept(
     shared: Arc<Shared>,
     http: Arc<auto::Builder<TokioExecutor>>,
@@ -409,15 +445,16 @@ async fn accept(
                     }
                 }
             });
-            let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                _ = stop.changed() => {
+            let mut connection =
+                pin!(http.serve_connection_with_upgrades(TokioIo::new(stream), service));
+            let mut stop = StopSignal::new(stop.clone(), stop.changed());
+            let result = std::future::poll_fn(|cx| {
+                if stop.poll_stop(cx) {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
                 }
-            };
+                connection.as_mut().poll(cx)
+            })
+            .await;
             if let Err(e) = result {
                 tracing::debug!(port, %peer, error = %e, "connection ended with an error");
             }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use support::*;
+use trimtab_api::balancer_policy::Algorithm;
 use trimtab_sidecar::{
     config_source,
     metrics::Metrics,
@@ -249,4 +250,53 @@ async fn admin_port_serves_metrics_liveness_and_readiness() {
             "missing {expected} in\n{metrics}"
         );
     }
+}
+
+#[tokio::test]
+async fn shutdown_finishes_the_request_in_flight_and_closes_idle_connections() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let slow = backend("slow").await;
+    let port = free_port();
+    let sidecar = sidecar(vec![route("r", port, Algorithm::RoundRobin, &[&slow])]).await;
+    // A keep-alive connection that carried one request and then sits idle.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: shop\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answered = Vec::new();
+    let mut buf = [0_u8; 1024];
+    while !String::from_utf8_lossy(&answered).ends_with("slow got 0 bytes") {
+        let n = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0, "closed before answering");
+        answered.extend_from_slice(&buf[..n]);
+    }
+    // A request still at the backend when the sidecar stops.
+    slow.delay_ms
+        .store(400, std::sync::atomic::Ordering::SeqCst);
+    let in_flight = tokio::spawn(async move { get(&client(), port, "/").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sidecar.shutdown().await;
+
+    let closed = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut buf))
+        .await
+        .expect("the idle connection is closed at once, not left open");
+    assert_eq!(
+        closed.unwrap(),
+        0,
+        "nothing more is sent on the idle connection"
+    );
+    let (status, backend_name, body) = in_flight.await.unwrap();
+    assert_eq!((status, backend_name.as_str()), (200, "slow"), "{body}");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "the listener is closed"
+    );
 }
