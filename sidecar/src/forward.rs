@@ -17,16 +17,17 @@ use std::{
     time::{Instant, SystemTime},
 };
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode,
     header::{self, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, Entry, HOST, UPGRADE},
     request::Parts,
 };
-use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
+use http_body_util::{BodyExt, Empty, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
-use rand::{SeedableRng, rngs::SmallRng};
+use rand::{RngCore as _, SeedableRng, rngs::SmallRng};
 use tokio::io::AsyncWriteExt as _;
 use trimtab_api::balancer_policy::MetricsSource;
 
@@ -38,7 +39,7 @@ use crate::{
     },
     outlier::Outcome,
     retry::{self, Failure},
-    route::{Endpoint, NoEndpoint, RouteRuntime, now_ms},
+    route::{Endpoint, Indices, NoEndpoint, RouteRuntime, millis_at},
     sidecar::Shared,
 };
 
@@ -73,18 +74,66 @@ pub struct Peer {
     forwarded_ip: HeaderValue,
     /// `for=…` as `Forwarded` carries it (RFC 7239 §6: IPv6 bracketed and quoted).
     forwarded_node: String,
+    /// `Forwarded` for a request without a Host.
+    forwarded_without_host: HeaderValue,
+    /// What the last request's Host gave. A connection's requests nearly always carry
+    /// the same Host, and deriving these from it (building and checking `Forwarded`,
+    /// parsing the Host as an address) was a tenth of the proxy's own instructions per
+    /// request. An `ArcSwap`, not a lock: HTTP/2 serves a connection's requests in
+    /// parallel, and the request path takes no locks.
+    last_host: ArcSwapOption<HostFields>,
+}
+
+/// The fields a request's Host gives it on its way to an endpoint.
+#[derive(Debug)]
+struct HostFields {
+    host: HeaderValue,
+    /// `Forwarded: for=…;host="…";proto=http`.
+    forwarded: HeaderValue,
+    /// The Host names the sidecar itself (`127.0.0.1:15001`), not the service.
+    loopback: bool,
 }
 
 impl Peer {
     /// The peer of a connection accepted from `address`.
     pub fn new(address: SocketAddr) -> Self {
         let ip = address.ip();
+        let forwarded_node = format!("for={}", forwarded_node(ip));
         Self {
             // An IP address's text is always a valid header value.
             forwarded_ip: HeaderValue::from_str(&ip.to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            forwarded_node: format!("for={}", forwarded_node(ip)),
+            forwarded_without_host: HeaderValue::from_str(&format!("{forwarded_node};proto=http"))
+                .unwrap_or_else(|_| HeaderValue::from_static("proto=http")),
+            forwarded_node,
+            last_host: ArcSwapOption::empty(),
         }
+    }
+
+    /// The fields `host` gives, from the last request's when its Host was the same.
+    fn host_fields(&self, host: &HeaderValue) -> Option<Arc<HostFields>> {
+        if let Some(last) = &*self.last_host.load()
+            && last.host == host
+        {
+            return Some(Arc::clone(last));
+        }
+        let text = host.to_str().ok()?;
+        let mut forwarded = String::with_capacity(self.forwarded_node.len() + text.len() + 20);
+        forwarded.push_str(&self.forwarded_node);
+        forwarded.push_str(";host=\"");
+        if text.contains(['"', '\\']) {
+            forwarded.extend(text.chars().filter(|c| !matches!(c, '"' | '\\')));
+        } else {
+            forwarded.push_str(text);
+        }
+        forwarded.push_str("\";proto=http");
+        let fields = Arc::new(HostFields {
+            host: host.clone(),
+            forwarded: HeaderValue::from_str(&forwarded).ok()?,
+            loopback: is_loopback_host(text),
+        });
+        self.last_host.store(Some(Arc::clone(&fields)));
+        Some(fields)
     }
 }
 
@@ -139,7 +188,14 @@ async fn forward(
             .size_hint()
             .exact()
             .is_some_and(|n| n <= RETRY_BUFFER_LIMIT);
-    let mut body = if replayable {
+    // Most requests have no body: nothing to read, buffer or box.
+    let mut body = if body.is_end_stream() {
+        if replayable {
+            RequestBody::Replayable(Bytes::new())
+        } else {
+            RequestBody::Streaming(Some(empty_body()))
+        }
+    } else if replayable {
         match Limited::new(body, RETRY_BUFFER_LIMIT as usize)
             .collect()
             .await
@@ -207,14 +263,12 @@ enum RequestBody {
 impl RequestBody {
     fn take(&mut self) -> ProxyBody {
         match self {
+            // `Empty` has no size, so boxing it allocates nothing.
+            Self::Replayable(bytes) if bytes.is_empty() => empty_body(),
             Self::Replayable(bytes) => Full::new(bytes.clone())
                 .map_err(|never| match never {})
                 .boxed_unsync(),
-            Self::Streaming(body) => body.take().unwrap_or_else(|| {
-                Full::new(Bytes::new())
-                    .map_err(|never| match never {})
-                    .boxed_unsync()
-            }),
+            Self::Streaming(body) => body.take().unwrap_or_else(empty_body),
         }
     }
 
@@ -239,12 +293,17 @@ async fn attempt_all(
     last_tried: &AtomicUsize,
 ) -> Attempted {
     let cfg = &route.config.retries;
-    let mut rng = SmallRng::from_rng(&mut rand::rng());
-    let mut tried: Vec<usize> = Vec::with_capacity(1 + cfg.attempts as usize);
+    // Seeded from the thread's generator by one draw: filling a whole seed from it
+    // cost more than the rest of the pick.
+    let mut rng = SmallRng::seed_from_u64(rand::rng().next_u64());
+    let mut tried = Indices::new();
     let mut retries = 0_u32;
     let mut _retry_guard: Option<RetryGuard> = None;
     loop {
-        let index = match route.pick(&tried, &mut rng) {
+        // One reading of the clock before the attempt and one after serve the pick,
+        // the RTT and outlier detection.
+        let started = Instant::now();
+        let index = match route.pick_at(&tried, &mut rng, started) {
             Ok(i) => i,
             Err(NoEndpoint::NoneUsable { total }) => {
                 return Attempted::Failed(error_response(
@@ -269,16 +328,17 @@ async fn attempt_all(
         last_tried.store(index, Ordering::Relaxed);
         let endpoint = Arc::clone(&route.endpoints[index]);
         let load = LoadGuard::new(Arc::clone(&endpoint));
-        let started = Instant::now();
         let result = endpoint
             .pool
             .send_parts(parts, body.take(), route.config.timeouts.connect.get())
             .await;
-        let elapsed = started.elapsed();
+        let finished = Instant::now();
+        let finished_ms = millis_at(finished);
+        let elapsed = finished.saturating_duration_since(started);
         let failure = match result {
             Ok(response) => {
                 let status = response.status().as_u16();
-                endpoint.load.observe_rtt(elapsed);
+                endpoint.load.observe_rtt_at(elapsed, finished);
                 endpoint.metrics.latency.observe(elapsed.as_secs_f64());
                 endpoint.metrics.count(status);
                 if let Some(report) = response
@@ -288,7 +348,7 @@ async fn attempt_all(
                 {
                     match parse_orca(report) {
                         Ok(report) => {
-                            endpoint.record_load_report(&report, now_ms());
+                            endpoint.record_load_report(&report, finished_ms);
                             if route.config.weighting.source == MetricsSource::LoadReports {
                                 endpoint
                                     .load_window
@@ -305,7 +365,7 @@ async fn attempt_all(
                 } else {
                     Outcome::Success
                 };
-                route.record_outcome(index, outcome);
+                route.record_outcome_at(index, outcome, finished_ms);
                 let failure = Failure::Status(status);
                 if !may_retry(route, body, retries, failure) {
                     return Attempted::Response { response, load };
@@ -320,7 +380,7 @@ async fn attempt_all(
             }
             Err(error) => {
                 endpoint.metrics.count(StatusCode::BAD_GATEWAY.as_u16());
-                route.record_outcome(index, Outcome::Failure);
+                route.record_outcome_at(index, Outcome::Failure, finished_ms);
                 let failure = classify(&error);
                 if !may_retry(route, body, retries, failure) {
                     return Attempted::Failed(error_response(
@@ -443,46 +503,43 @@ fn prepare_request_headers(parts: &mut Parts, peer: &Peer, upgrade: Option<Heade
         .headers
         .entry(X_FORWARDED_PROTO)
         .or_insert(HeaderValue::from_static("http"));
-    let host = original_host.as_ref().and_then(|h| h.to_str().ok());
-    let mut forwarded =
-        String::with_capacity(peer.forwarded_node.len() + host.map_or(0, |h| h.len() + 8) + 11);
-    forwarded.push_str(&peer.forwarded_node);
-    if let (Some(value), Some(host)) = (&original_host, host) {
-        parts
-            .headers
-            .entry(X_FORWARDED_HOST)
-            .or_insert_with(|| value.clone());
-        forwarded.push_str(";host=\"");
-        if host.contains(['"', '\\']) {
-            forwarded.extend(host.chars().filter(|c| !matches!(c, '"' | '\\')));
-        } else {
-            forwarded.push_str(host);
+    let host_fields = original_host
+        .as_ref()
+        .and_then(|host| peer.host_fields(host));
+    let forwarded = match &host_fields {
+        Some(fields) => {
+            parts
+                .headers
+                .entry(X_FORWARDED_HOST)
+                .or_insert_with(|| fields.host.clone());
+            if fields.loopback {
+                // A Host of `127.0.0.1:15001` names the sidecar and means nothing to the
+                // backend: without a Host, each attempt sends its endpoint's address.
+                parts.headers.remove(HOST);
+            } else {
+                // HTTP/2 carries the host in :authority; HTTP/1.1 upstream needs Host.
+                parts
+                    .headers
+                    .entry(HOST)
+                    .or_insert_with(|| fields.host.clone());
+            }
+            &fields.forwarded
         }
-        forwarded.push('"');
-        if is_loopback_host(host) {
-            // A Host of `127.0.0.1:15001` names the sidecar and means nothing to the
-            // backend: without a Host, each attempt sends its endpoint's address.
-            parts.headers.remove(HOST);
-        } else {
-            // HTTP/2 carries the host in :authority; HTTP/1.1 upstream needs Host.
-            parts.headers.entry(HOST).or_insert_with(|| value.clone());
-        }
-    }
-    forwarded.push_str(";proto=http");
+        None => &peer.forwarded_without_host,
+    };
     match parts.headers.entry(header::FORWARDED) {
         Entry::Occupied(mut existing) => {
-            let combined = match existing.get().to_str() {
-                Ok(list) => join_list(list, &forwarded),
-                Err(_) => forwarded,
-            };
-            if let Ok(value) = HeaderValue::from_str(&combined) {
-                existing.insert(value);
+            if let Ok(list) = existing.get().to_str()
+                && let Ok(combined) =
+                    HeaderValue::from_str(&join_list(list, forwarded.to_str().unwrap_or_default()))
+            {
+                existing.insert(combined);
+            } else {
+                existing.insert(forwarded.clone());
             }
         }
         Entry::Vacant(slot) => {
-            if let Ok(value) = HeaderValue::from_str(&forwarded) {
-                slot.insert(value);
-            }
+            slot.insert(forwarded.clone());
         }
     }
 }
@@ -583,12 +640,7 @@ fn finish(
                 }
             });
         }
-        return Response::from_parts(
-            parts,
-            Full::new(Bytes::new())
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        );
+        return Response::from_parts(parts, empty_body());
     }
     // The pool consumed the response's hop-by-hop fields.
     let (parts, body) = response.into_parts();
@@ -597,6 +649,10 @@ fn finish(
         _guards: (in_flight, load),
     };
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+fn empty_body() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
 /// A plain-text error from the sidecar itself, marked with `x-trimtab-error`.
@@ -748,6 +804,44 @@ mod tests {
             !h.contains_key(HOST),
             "a Host naming the sidecar is replaced per attempt"
         );
+    }
+
+    #[test]
+    fn each_request_gets_the_forwarding_fields_of_its_own_host() {
+        let peer = Peer::new("192.0.2.9:5555".parse().expect("addr"));
+        let forward = |host: Option<&str>| {
+            let mut request = Request::builder().uri("/");
+            if let Some(host) = host {
+                request = request.header(HOST, host);
+            }
+            let (mut parts, ()) = request.body(()).expect("valid").into_parts();
+            prepare_request_headers(&mut parts, &peer, None);
+            parts.headers
+        };
+        // The second request reuses what the first one's Host gave; the third and the
+        // fourth have other Hosts, and the fifth none.
+        for _ in 0..2 {
+            let h = forward(Some("shop.example"));
+            assert_eq!(h[HOST], "shop.example");
+            assert_eq!(h["x-forwarded-host"], "shop.example");
+            assert_eq!(
+                h[header::FORWARDED],
+                "for=192.0.2.9;host=\"shop.example\";proto=http"
+            );
+        }
+        let h = forward(Some("localhost:15001"));
+        assert!(!h.contains_key(HOST));
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=192.0.2.9;host=\"localhost:15001\";proto=http"
+        );
+        let h = forward(Some("a\"b"));
+        assert_eq!(h[HOST], "a\"b");
+        assert_eq!(h[header::FORWARDED], "for=192.0.2.9;host=\"ab\";proto=http");
+        let h = forward(None);
+        assert!(!h.contains_key("x-forwarded-host"));
+        assert_eq!(h[header::FORWARDED], "for=192.0.2.9;proto=http");
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
     }
 
     #[test]

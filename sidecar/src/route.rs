@@ -14,6 +14,7 @@ use std::{
 
 use http::uri::Authority;
 use rand::Rng;
+use smallvec::SmallVec;
 use trimtab_api::{
     balancer_policy::{Algorithm, EndpointState},
     sidecar_config::{self, Route},
@@ -29,10 +30,19 @@ use crate::{
 
 /// Milliseconds since the process started: the clock of ejections and samples.
 pub fn now_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    millis_at(Instant::now())
 }
+
+/// `now_ms()` at `now`, for callers that read the clock already.
+pub fn millis_at(now: Instant) -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(|| now);
+    u64::try_from(now.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Endpoint indices: a route's endpoints are few, so they live on the stack (a `Vec`
+/// was an allocation per request).
+pub type Indices = SmallVec<[usize; 8]>;
 
 /// One backend and everything the sidecar has learnt about it.
 #[derive(Debug)]
@@ -376,8 +386,8 @@ impl RouteRuntime {
     }
 
     /// The endpoints usable now, or all of them in panic mode.
-    pub fn eligible(&self, now_ms: u64) -> Vec<usize> {
-        let usable: Vec<usize> = (0..self.endpoints.len())
+    pub fn eligible(&self, now_ms: u64) -> Indices {
+        let usable: Indices = (0..self.endpoints.len())
             .filter(|&i| self.endpoints[i].is_usable(now_ms))
             .collect();
         if outlier::in_panic(
@@ -394,8 +404,17 @@ impl RouteRuntime {
     /// endpoints at `limits.maxConcurrentRequests`, and holding back endpoints in slow
     /// start.
     pub fn pick<R: Rng + ?Sized>(&self, tried: &[usize], rng: &mut R) -> Result<usize, NoEndpoint> {
-        let now_ms = now_ms();
-        let mut eligible = self.eligible(now_ms);
+        self.pick_at(tried, rng, Instant::now())
+    }
+
+    /// [`Self::pick`] at `now`, for callers that read the clock already.
+    pub fn pick_at<R: Rng + ?Sized>(
+        &self,
+        tried: &[usize],
+        rng: &mut R,
+        now: Instant,
+    ) -> Result<usize, NoEndpoint> {
+        let mut eligible = self.eligible(millis_at(now));
         if eligible.is_empty() {
             return Err(NoEndpoint::NoneUsable {
                 total: self.endpoints.len(),
@@ -403,7 +422,7 @@ impl RouteRuntime {
         }
         let limit = self.config.limits.max_concurrent_requests;
         let usable = eligible.len();
-        eligible.retain(|&i| self.endpoints[i].load.active() < limit);
+        eligible.retain(|i| self.endpoints[*i].load.active() < limit);
         if eligible.is_empty() {
             return Err(NoEndpoint::Saturated { usable, limit });
         }
@@ -416,10 +435,10 @@ impl RouteRuntime {
                 .ok_or(NoEndpoint::NoneUsable {
                     total: self.endpoints.len(),
                 })?;
-        let factor = self.endpoints[choice]
-            .slow_start_factor(self.config.limits.slow_start.get(), Instant::now());
+        let factor =
+            self.endpoints[choice].slow_start_factor(self.config.limits.slow_start.get(), now);
         if factor < 1.0 && eligible.len() > 1 && rng.random::<f64>() >= factor {
-            eligible.retain(|&i| i != choice);
+            eligible.retain(|i| *i != choice);
             return Ok(self
                 .balancer
                 .pick(&self.endpoints, &eligible, rng)
@@ -431,7 +450,16 @@ impl RouteRuntime {
     /// Records a finished attempt for outlier detection; returns the ejection time if
     /// it ejected the endpoint.
     pub fn record_outcome(&self, index: usize, outcome: outlier::Outcome) -> Option<Duration> {
-        let now = now_ms();
+        self.record_outcome_at(index, outcome, now_ms())
+    }
+
+    /// [`Self::record_outcome`] at `now` ([`now_ms`]'s clock).
+    pub fn record_outcome_at(
+        &self,
+        index: usize,
+        outcome: outlier::Outcome,
+        now: u64,
+    ) -> Option<Duration> {
         let endpoint = &self.endpoints[index];
         endpoint.responses.fetch_add(1, Ordering::Relaxed);
         if outcome == outlier::Outcome::Failure {
@@ -520,7 +548,7 @@ mod tests {
             second.endpoints[0].outlier.is_ejected(now_ms()),
             "the ejection was forgotten"
         );
-        assert_eq!(second.eligible(now_ms()), [1]);
+        assert_eq!(second.eligible(now_ms()).as_slice(), [1]);
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl EndpointLoad {
         self.observe_rtt_at(rtt, Instant::now());
     }
 
-    /// As [`Self::observe_rtt`] at `now` (for tests).
+    /// As [`Self::observe_rtt`] at `now`, for callers that read the clock already.
     pub fn observe_rtt_at(&self, rtt: Duration, now: Instant) {
         let stamp = self.nanos_since_origin(now);
         let prev = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
