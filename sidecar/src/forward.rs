@@ -34,7 +34,7 @@ use trimtab_api::balancer_policy::MetricsSource;
 use crate::{
     balancer::weights::{ORCA_HEADER, parse_orca},
     http_client::{
-        ClientError, PooledBody,
+        Additions, ClientError, PooledBody,
         framing::{HOP_BY_HOP, named_by_connection},
     },
     outlier::Outcome,
@@ -176,7 +176,7 @@ async fn forward(
         )
     });
     let (mut parts, body) = req.into_parts();
-    prepare_request_headers(
+    let additions = prepare_request_headers(
         &mut parts,
         peer,
         upgrade.as_ref().and_then(|(u, _)| u.clone()),
@@ -218,7 +218,13 @@ async fn forward(
     // Pinned where it is: `timeout` takes its future by value, and moving this one
     // (it holds the whole exchange's state) into it was a kilobyte-sized copy per
     // request.
-    let mut attempts = pin!(attempt_all(&route, &parts, &mut body, &last_tried));
+    let mut attempts = pin!(attempt_all(
+        &route,
+        &parts,
+        &additions,
+        &mut body,
+        &last_tried
+    ));
     let outcome = if request_timeout.is_zero() {
         Ok(attempts.await)
     } else {
@@ -289,6 +295,7 @@ enum Attempted {
 async fn attempt_all(
     route: &Arc<RouteRuntime>,
     parts: &Parts,
+    additions: &Additions,
     body: &mut RequestBody,
     last_tried: &AtomicUsize,
 ) -> Attempted {
@@ -330,7 +337,12 @@ async fn attempt_all(
         let load = LoadGuard::new(Arc::clone(&endpoint));
         let result = endpoint
             .pool
-            .send_parts(parts, body.take(), route.config.timeouts.connect.get())
+            .send_parts(
+                parts,
+                additions,
+                body.take(),
+                route.config.timeouts.connect.get(),
+            )
             .await;
         let finished = Instant::now();
         let finished_ms = millis_at(finished);
@@ -459,10 +471,35 @@ fn describe(error: &dyn StdError) -> String {
     text
 }
 
-/// Removes hop-by-hop headers and adds `X-Forwarded-*` and `Forwarded` (RFC 7239).
-fn prepare_request_headers(parts: &mut Parts, peer: &Peer, upgrade: Option<HeaderValue>) {
-    // Cloning a header value shares its bytes; only a Host taken from the URI is copied.
-    let original_host = parts.headers.get(HOST).cloned().or_else(|| {
+/// Removes hop-by-hop headers and works out `X-Forwarded-*` and `Forwarded` (RFC
+/// 7239): a field the request already has is extended in its map; the others are
+/// returned, to be sent after the request's own fields.
+fn prepare_request_headers(
+    parts: &mut Parts,
+    peer: &Peer,
+    upgrade: Option<HeaderValue>,
+) -> Additions {
+    // One pass over the request's fields finds the ones this needs: each lookup in the
+    // map hashes the name. Cloning a header value shares its bytes.
+    let mut host = None;
+    let (mut has_for, mut has_proto, mut has_host, mut has_forwarded) =
+        (false, false, false, false);
+    for (name, value) in &parts.headers {
+        if name == HOST {
+            host.get_or_insert_with(|| value.clone());
+        } else if name == header::FORWARDED {
+            has_forwarded = true;
+        } else if name == X_FORWARDED_FOR {
+            has_for = true;
+        } else if name == X_FORWARDED_PROTO {
+            has_proto = true;
+        } else if name == X_FORWARDED_HOST {
+            has_host = true;
+        }
+    }
+    let from_field = host.is_some();
+    // HTTP/2 carries the host in :authority; only then is it copied.
+    let host = host.or_else(|| {
         parts
             .uri
             .authority()
@@ -475,72 +512,57 @@ fn prepare_request_headers(parts: &mut Parts, peer: &Peer, upgrade: Option<Heade
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(UPGRADE, upgrade);
     }
-    // Room for the four forwarding fields at once, rather than growing the map (and
-    // rehashing what it holds) while adding them.
-    parts.headers.reserve(4);
-    // Each header is looked up once, through its entry: every lookup hashes the name.
-    match parts.headers.entry(X_FORWARDED_FOR) {
-        Entry::Occupied(mut existing) => {
-            let appended = existing.get().to_str().ok().map_or_else(
-                || Some(peer.forwarded_ip.clone()),
-                |list| {
-                    HeaderValue::from_str(&join_list(
-                        list,
-                        peer.forwarded_ip.to_str().unwrap_or("unknown"),
-                    ))
-                    .ok()
-                },
-            );
-            if let Some(value) = appended {
-                existing.insert(value);
-            }
-        }
-        Entry::Vacant(slot) => {
-            slot.insert(peer.forwarded_ip.clone());
-        }
+    let mut additions = Additions::default();
+    if has_for {
+        extend_list(&mut parts.headers, X_FORWARDED_FOR, &peer.forwarded_ip);
+    } else {
+        additions
+            .fields
+            .push((X_FORWARDED_FOR, peer.forwarded_ip.clone()));
     }
-    parts
-        .headers
-        .entry(X_FORWARDED_PROTO)
-        .or_insert(HeaderValue::from_static("http"));
-    let host_fields = original_host
-        .as_ref()
-        .and_then(|host| peer.host_fields(host));
+    if !has_proto {
+        additions
+            .fields
+            .push((X_FORWARDED_PROTO, HeaderValue::from_static("http")));
+    }
+    let host_fields = host.as_ref().and_then(|host| peer.host_fields(host));
     let forwarded = match &host_fields {
         Some(fields) => {
-            parts
-                .headers
-                .entry(X_FORWARDED_HOST)
-                .or_insert_with(|| fields.host.clone());
+            if !has_host {
+                additions
+                    .fields
+                    .push((X_FORWARDED_HOST, fields.host.clone()));
+            }
             if fields.loopback {
                 // A Host of `127.0.0.1:15001` names the sidecar and means nothing to the
-                // backend: without a Host, each attempt sends its endpoint's address.
-                parts.headers.remove(HOST);
-            } else {
-                // HTTP/2 carries the host in :authority; HTTP/1.1 upstream needs Host.
-                parts
-                    .headers
-                    .entry(HOST)
-                    .or_insert_with(|| fields.host.clone());
+                // backend: each attempt sends its endpoint's address instead.
+                additions.replace_host = true;
+            } else if !from_field {
+                // An HTTP/1.1 endpoint needs the Host that :authority carried.
+                additions.fields.push((HOST, fields.host.clone()));
             }
             &fields.forwarded
         }
         None => &peer.forwarded_without_host,
     };
-    match parts.headers.entry(header::FORWARDED) {
-        Entry::Occupied(mut existing) => {
-            if let Ok(list) = existing.get().to_str()
-                && let Ok(combined) =
-                    HeaderValue::from_str(&join_list(list, forwarded.to_str().unwrap_or_default()))
-            {
-                existing.insert(combined);
-            } else {
-                existing.insert(forwarded.clone());
-            }
-        }
-        Entry::Vacant(slot) => {
-            slot.insert(forwarded.clone());
-        }
+    if has_forwarded {
+        extend_list(&mut parts.headers, header::FORWARDED, forwarded);
+    } else {
+        additions
+            .fields
+            .push((header::FORWARDED, forwarded.clone()));
+    }
+    additions
+}
+
+/// Appends `next` to the comma-separated list in the field `name`; a value that is not
+/// visible ASCII is replaced.
+fn extend_list(headers: &mut HeaderMap, name: HeaderName, next: &HeaderValue) {
+    if let Entry::Occupied(mut existing) = headers.entry(name) {
+        let combined = existing.get().to_str().ok().and_then(|list| {
+            HeaderValue::from_str(&join_list(list, next.to_str().unwrap_or("unknown"))).ok()
+        });
+        existing.insert(combined.unwrap_or_else(|| next.clone()));
     }
 }
 
@@ -759,6 +781,7 @@ impl Body for Tracked {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http_client::framing::encode_request_head;
 
     #[test]
     fn removes_hop_by_hop_headers_and_those_named_in_connection() {
@@ -791,8 +814,8 @@ mod tests {
             .expect("valid")
             .into_parts();
         let peer = Peer::new("127.0.0.1:5555".parse().expect("addr"));
-        prepare_request_headers(&mut parts, &peer, None);
-        let h = &parts.headers;
+        let additions = prepare_request_headers(&mut parts, &peer, None);
+        let h = &on_the_wire(&parts, &additions);
         assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "127.0.0.1:15001");
@@ -800,9 +823,9 @@ mod tests {
             h[header::FORWARDED],
             "for=127.0.0.1;host=\"127.0.0.1:15001\";proto=http"
         );
-        assert!(
-            !h.contains_key(HOST),
-            "a Host naming the sidecar is replaced per attempt"
+        assert_eq!(
+            h[HOST], "10.0.0.1:80",
+            "a Host naming the sidecar is replaced by the endpoint's address"
         );
     }
 
@@ -815,8 +838,8 @@ mod tests {
                 request = request.header(HOST, host);
             }
             let (mut parts, ()) = request.body(()).expect("valid").into_parts();
-            prepare_request_headers(&mut parts, &peer, None);
-            parts.headers
+            let additions = prepare_request_headers(&mut parts, &peer, None);
+            on_the_wire(&parts, &additions)
         };
         // The second request reuses what the first one's Host gave; the third and the
         // fourth have other Hosts, and the fifth none.
@@ -830,7 +853,7 @@ mod tests {
             );
         }
         let h = forward(Some("localhost:15001"));
-        assert!(!h.contains_key(HOST));
+        assert_eq!(h[HOST], "10.0.0.1:80");
         assert_eq!(
             h[header::FORWARDED],
             "for=192.0.2.9;host=\"localhost:15001\";proto=http"
@@ -842,6 +865,49 @@ mod tests {
         assert!(!h.contains_key("x-forwarded-host"));
         assert_eq!(h[header::FORWARDED], "for=192.0.2.9;proto=http");
         assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+    }
+
+    #[test]
+    fn an_authority_becomes_the_host_and_existing_lists_are_extended() {
+        // As an HTTP/2 request arrives: the host in the URI, no Host field.
+        let (mut parts, ()) = Request::builder()
+            .uri("http://shop.example:8080/cart")
+            .header(header::FORWARDED, "for=203.0.113.7")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "edge.example")
+            .body(())
+            .expect("valid")
+            .into_parts();
+        let peer = Peer::new("[2001:db8::1]:5555".parse().expect("addr"));
+        let additions = prepare_request_headers(&mut parts, &peer, None);
+        let h = on_the_wire(&parts, &additions);
+        assert_eq!(h[HOST], "shop.example:8080");
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+        assert_eq!(h["x-forwarded-proto"], "https", "kept from the edge");
+        assert_eq!(h["x-forwarded-host"], "edge.example", "kept from the edge");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=203.0.113.7, for=\"[2001:db8::1]\";host=\"shop.example:8080\";proto=http"
+        );
+        assert_eq!(h.len(), 5, "each field once: {h:?}");
+    }
+
+    /// The fields as an endpoint receives them: the head encoded for the wire, parsed.
+    fn on_the_wire(parts: &Parts, additions: &Additions) -> HeaderMap {
+        let mut wire = Vec::new();
+        let endpoint = HeaderValue::from_static("10.0.0.1:80");
+        encode_request_head(parts, additions, &endpoint, Some(0), true, &mut wire);
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut fields);
+        assert!(request.parse(&wire).expect("valid head").is_complete());
+        let mut received = HeaderMap::new();
+        for field in request.headers.iter() {
+            received.append(
+                HeaderName::from_bytes(field.name.as_bytes()).expect("name"),
+                HeaderValue::from_bytes(field.value).expect("value"),
+            );
+        }
+        received
     }
 
     #[test]

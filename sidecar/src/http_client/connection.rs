@@ -33,8 +33,8 @@ use tokio::{
 use super::{
     ClientError,
     framing::{
-        self, BodyLength, Chunk, ChunkedDecoder, FramingError, RequestFraming, ResponseHead,
-        ResponseHeadParser,
+        self, Additions, BodyLength, Chunk, ChunkedDecoder, FramingError, RequestFraming,
+        ResponseHead, ResponseHeadParser,
     },
 };
 
@@ -168,6 +168,7 @@ impl Connection {
     pub async fn exchange<B>(
         &mut self,
         head: &request::Parts,
+        additions: &Additions,
         body: &mut B,
         default_host: &HeaderValue,
     ) -> Result<ResponseHead, ExchangeError>
@@ -186,6 +187,7 @@ impl Connection {
         let body_ended = body.is_end_stream();
         let framing = framing::encode_request_head(
             head,
+            additions,
             default_host,
             body.size_hint().exact(),
             body_ended,

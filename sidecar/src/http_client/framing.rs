@@ -14,6 +14,7 @@ use http::{
     header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE},
     request, response,
 };
+use smallvec::SmallVec;
 
 /// A response head may be at most this long (hyper's default read buffer limit is
 /// larger, nginx's `proxy_buffer_size` is 4–8 KiB; a head this large is an attack or a
@@ -110,14 +111,29 @@ pub enum RequestFraming {
     Chunked,
 }
 
-/// Appends the request line and headers of `head` to `out`, with `Host:
-/// default_host` when the head has none and the framing headers its body needs, and
-/// says which framing that is. `exact_length` is the body's exact size when known and
-/// `ends_at_once` whether it is already over (an empty body). Framing headers the
-/// request carried are replaced: the body decides. The target is sent in origin form
-/// (path and query), whatever form the head's URI has.
+/// Fields a proxy adds to a request on its way to an endpoint (`Forwarded`,
+/// `X-Forwarded-*`), written after the request's own. Not inserted into the request's
+/// header map: hyper sizes that map to the request, so inserting grew and rehashed it,
+/// on every request.
+#[derive(Debug, Clone, Default)]
+pub struct Additions {
+    /// Written after the request's own fields, in this order.
+    pub fields: SmallVec<[(HeaderName, HeaderValue); 4]>,
+    /// The request's `Host` names the proxy, not the service: the endpoint's address
+    /// is sent instead, as for a request without one.
+    pub replace_host: bool,
+}
+
+/// Appends the request line and headers of `head` and `additions` to `out`, with
+/// `Host: default_host` when they have none (or `additions` replaces it), and the
+/// framing headers its body needs, and says which framing that is. `exact_length` is
+/// the body's exact size when known and `ends_at_once` whether it is already over (an
+/// empty body). Framing headers the request carried are replaced: the body decides.
+/// The target is sent in origin form (path and query), whatever form the head's URI
+/// has.
 pub fn encode_request_head(
     head: &request::Parts,
+    additions: &Additions,
     default_host: &HeaderValue,
     exact_length: Option<u64>,
     ends_at_once: bool,
@@ -145,9 +161,13 @@ pub fn encode_request_head(
             has_length = true;
             continue;
         }
-        if name == TRANSFER_ENCODING {
+        if name == TRANSFER_ENCODING || (additions.replace_host && name == HOST) {
             continue;
         }
+        has_host |= name == HOST;
+        encode_field(name, value.as_bytes(), out);
+    }
+    for (name, value) in &additions.fields {
         has_host |= name == HOST;
         encode_field(name, value.as_bytes(), out);
     }
@@ -308,7 +328,8 @@ fn parse_head(
             }
         };
         let base = buffer.as_ptr() as usize;
-        let fields: Vec<_> = response
+        // On the stack: a heap vector here was an allocation per response.
+        let fields: SmallVec<[_; 16]> = response
             .headers
             .iter()
             .map(|header| {
@@ -657,7 +678,14 @@ mod tests {
         out: &mut Vec<u8>,
     ) -> RequestFraming {
         let host = HeaderValue::from_static("10.0.0.1:80");
-        encode_request_head(&request.into_parts().0, &host, exact, ended, out)
+        encode_request_head(
+            &request.into_parts().0,
+            &Additions::default(),
+            &host,
+            exact,
+            ended,
+            out,
+        )
     }
 
     fn head(text: &str, method: &Method) -> Result<Option<ResponseHead>, FramingError> {

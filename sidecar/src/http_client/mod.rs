@@ -49,7 +49,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
 pub use connection::{BodyError, ExchangeError};
-pub use framing::FramingError;
+pub use framing::{Additions, FramingError};
 
 use connection::{BodyState, Connection};
 use framing::ResponseHead;
@@ -183,14 +183,17 @@ impl ConnectionPool {
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
         let (head, body) = request.into_parts();
-        self.send_parts(&head, body, connect_timeout).await
+        self.send_parts(&head, &Additions::default(), body, connect_timeout)
+            .await
     }
 
     /// [`Self::send`] with a request head the caller keeps, to send it again to another
-    /// endpoint on a retry: nothing of it is copied.
+    /// endpoint on a retry: nothing of it is copied. The fields of `additions` are sent
+    /// after the head's own.
     pub async fn send_parts<B>(
         self: &Arc<Self>,
         head: &request::Parts,
+        additions: &Additions,
         mut body: B,
         connect_timeout: Duration,
     ) -> Result<Response<PooledBody>, ClientError>
@@ -208,7 +211,10 @@ impl ConnectionPool {
                     (Box::new(opened), false)
                 }
             };
-            match connection.exchange(head, &mut body, &self.host).await {
+            match connection
+                .exchange(head, additions, &mut body, &self.host)
+                .await
+            {
                 Ok(response) => return Ok(self.lease(response, connection)),
                 Err(e) if reused && resendable && e.nothing_received() => stale += 1,
                 Err(e) => return Err(ClientError::Exchange(e)),
