@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# User-space instructions per proxied request: the figure that compares two builds of
-# the sidecar on a noisy machine, where requests/s do not (docs/benchmarks.md, "Sidecar
-# proxy overhead").
+# User-space instructions per proxied request, for trimtab-sidecar and for nginx: the
+# figure that compares two builds (or two proxies) on a noisy machine, where requests/s
+# do not (docs/benchmarks.md, "Sidecar proxy overhead").
 #
 #   bench/proxy-instructions.sh [SIDECAR_BINARY]      (default: target/release/trimtab-sidecar)
+#   PEERS=1 bench/proxy-instructions.sh ...           (nginx too, with and without the
+#                                                      forwarding fields trimtab adds)
 #
 # The same backend and policy as bench/proxy-overhead.sh (nginx returning a 3-byte body,
-# roundRobin over one endpoint, one worker thread). The sidecar runs under
+# roundRobin over one endpoint, one worker). Each proxy runs under
 # `valgrind --tool=callgrind` with instrumentation off until it has answered once, then
 # `wrk -t1 -c8 -d15s` drives it; instructions ÷ requests wrk completed is printed.
+# nginx runs with `master_process off`, so that the measured process is its worker.
+# HAProxy is not measured: it does not answer under valgrind. Kernel time is not
+# counted: the proxies make the same system calls per request (docs/benchmarks.md).
 # Everything on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,43 +31,72 @@ else
   sidecar_bin=$PWD/target/release/trimtab-sidecar
 fi
 
-BACKEND=18190 TRIMTAB=18191 ADMIN=18192
+BACKEND=18190 PROXY=18191 ADMIN=18192
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-cat >"$work/backend.conf" <<EOF
+cat >"$work/backend.conf" <<CONF
 worker_processes 1; daemon off; pid $work/backend.pid; error_log $work/backend.err warn;
 events { worker_connections 1024; }
 http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$BACKEND; location / { return 200 "ok\n"; } } }
-EOF
+CONF
 nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 
-cat >"$work/policy.yaml" <<EOF
+# measure NAME COMMAND...: runs COMMAND under callgrind on port $PROXY and prints
+# NAME's instructions per request.
+measure() {
+  local name=$1 out="$work/callgrind.$1.out"
+  shift
+  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "$@" \
+    >"$work/$name.log" 2>&1 &
+  local pid=$!
+  # Under valgrind a proxy starts slowly: up to a minute for its first answer.
+  for _ in $(seq 300); do curl -fsS -m 2 "http://127.0.0.1:$PROXY/" >/dev/null 2>&1 && break; sleep 0.2; done
+  curl -fsS -m 5 "http://127.0.0.1:$PROXY/" >/dev/null || { echo "$name never answered" >&2; kill "$pid"; exit 1; }
+  callgrind_control -i on "$pid" >/dev/null 2>&1
+  local requests instructions
+  requests=$(wrk -t1 -c8 -d15s "http://127.0.0.1:$PROXY/" | sed -n 's/^ *\([0-9]*\) requests in.*/\1/p')
+  kill -INT "$pid"
+  wait "$pid" 2>/dev/null || true
+  instructions=$(callgrind_annotate "$out" 2>/dev/null |
+    sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,)
+  [[ -n $requests && $requests -gt 0 && -n $instructions ]] || { echo "no measurement of $name (see $work)" >&2; exit 1; }
+  echo "$name: $requests requests, $instructions instructions, $((instructions / requests)) per request"
+}
+
+cat >"$work/policy.yaml" <<CONF
 apiVersion: trimtab.dev/v1alpha1
 kind: BalancerPolicy
 metadata: {name: bench, namespace: default}
 spec:
   clients: {podSelector: {}}
-  listener: {port: $TRIMTAB}
+  listener: {port: $PROXY}
   endpoints: ["127.0.0.1:$BACKEND"]
   algorithm: roundRobin
-EOF
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out" \
-  "$sidecar_bin" --worker-threads 1 --policy "$work/policy.yaml" --admin-port "$ADMIN" \
-  --state-dir "$work/state" >"$work/sidecar.log" 2>&1 &
-sidecar_pid=$!
-pids+=("$sidecar_pid")
+CONF
+measure trimtab "$sidecar_bin" --worker-threads 1 --policy "$work/policy.yaml" \
+  --admin-port "$ADMIN" --state-dir "$work/state"
+# The profile of the sidecar stays where callgrind_annotate users expect it.
+cp "$work/callgrind.trimtab.out" "$work/callgrind.out"
 
-# Under valgrind the sidecar starts slowly: up to a minute for its first answer.
-for _ in $(seq 300); do curl -fsS "http://127.0.0.1:$TRIMTAB/" >/dev/null 2>&1 && break; sleep 0.2; done
-curl -fsS "http://127.0.0.1:$TRIMTAB/" >/dev/null || { echo "the sidecar never answered" >&2; exit 1; }
-callgrind_control -i on "$sidecar_pid" >/dev/null 2>&1
-requests=$(wrk -t1 -c8 -d15s "http://127.0.0.1:$TRIMTAB/" | sed -n 's/^ *\([0-9]*\) requests in.*/\1/p')
-kill -INT "$sidecar_pid"
-wait "$sidecar_pid" 2>/dev/null || true
-instructions=$(callgrind_annotate "$work/callgrind.out" 2>/dev/null |
-  sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,)
-[[ -n $requests && $requests -gt 0 && -n $instructions ]] || { echo "no measurement (see $work)" >&2; exit 1; }
-echo "$sidecar_bin: $requests requests, $instructions instructions, $((instructions / requests)) per request"
+[[ ${PEERS:-0} == 1 ]] || exit 0
+for forwarded in none all; do
+  fields=""
+  if [[ $forwarded == all ]]; then
+    fields='proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $http_host;
+      proxy_set_header Forwarded "for=$remote_addr;host=\"$http_host\";proto=$scheme";'
+  fi
+  cat >"$work/nginx-$forwarded.conf" <<CONF
+worker_processes 1; daemon off; master_process off; pid $work/nginx.pid; error_log $work/nginx.err warn;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
+  server { listen 127.0.0.1:$PROXY;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
+      $fields } } }
+CONF
+  measure "nginx-forwarded-$forwarded" nginx -c "$work/nginx-$forwarded.conf" -p "$work"
+done

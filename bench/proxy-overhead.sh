@@ -6,8 +6,9 @@
 #   ROUNDS=5 bench/proxy-overhead.sh 5s 32
 #
 # ROUNDS (default 1) measures every path that many times, in an order that rotates from
-# round to round, and reports each figure's median over the rounds, and the trimtab
-# ratios of every round: on this machine one round's ratios can move by a third.
+# round to round, and reports each figure's median over the rounds, the trimtab ratios
+# of every round, and their median and interquartile range with the number of rounds
+# that met each target: on this machine one round's ratios can move by a third.
 #
 # direct → backend, and through trimtab-sidecar, nginx, HAProxy and Envoy, each proxy
 # with one worker thread, keep-alive to the client and to the backend, small responses.
@@ -216,8 +217,25 @@ if ((rounds > 1)); then
     read -r rh_rps _ _ rh_cpu <<<"${samples[haproxy,$round]}"
     awk -v r=$((round + 1)) -v t="$t_rps" -v n="$rn_rps" -v h="$rh_rps" -v tp="$t_p99" -v np="$rn_p99" \
       -v tc="$t_cpu" -v nc="$rn_cpu" -v hc="$rh_cpu" \
-      'BEGIN { printf "- round %d: %.2f, %.2f; %.2f; %.2f, %.2f\n", r, t/n, t/h, tp/np, tc/nc, tc/hc }'
+      'BEGIN { printf "- round %d: %.2f, %.2f; %.2f; %.2f, %.2f\n", r, t/n, t/h, tp/np, tc/nc, tc/hc }' |
+      tee -a "$work/rounds.txt"
   done
+  # Ratios paired within a round (measured minutes apart, not across the whole run):
+  # median, interquartile range, and in how many rounds trimtab met the target.
+  echo
+  echo "trimtab's per-round ratios: median [interquartile range], rounds meeting the target:"
+  summary() { # label field(1-5) target-direction(ge|le)
+    sed 's/^- round [0-9]*: //; s/[;,]//g' "$work/rounds.txt" | awk -v f="$2" '{ print $f }' | sort -g |
+      awk -v label="$1" -v dir="$3" '
+        { v[NR] = $1; if ((dir == "ge" && $1 >= 1) || (dir == "le" && $1 <= 1)) met++ }
+        function q(p,  i) { i = 1 + p * (NR - 1); return v[int(i)] + (i - int(i)) * (v[int(i) + 1] - v[int(i)]) }
+        END { printf "- %s: %.2f [%.2f–%.2f], %d of %d rounds %s 1.0\n", label, q(0.5), q(0.25), q(0.75), met, NR, (dir == "ge" ? "≥" : "≤") }'
+  }
+  summary "throughput ÷ nginx" 1 ge
+  summary "throughput ÷ HAProxy" 2 ge
+  summary "p99 ÷ nginx" 3 le
+  summary "CPU per request ÷ nginx" 4 le
+  summary "CPU per request ÷ HAProxy" 5 le
 fi
 echo
 echo "trimtab-sidecar RSS: idle $((idle_rss_kb / 1024)) MB, after the run $((loaded_rss_kb / 1024)) MB"
