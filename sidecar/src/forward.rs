@@ -14,11 +14,12 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     task::{Context, Poll},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
 use http::{
     HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode,
     header::{self, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, Entry, HOST, UPGRADE},
@@ -28,7 +29,7 @@ use http_body_util::{BodyExt, Empty, Full, Limited, combinators::UnsyncBoxBody};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use rand::{RngCore as _, SeedableRng, rngs::SmallRng};
-use tokio::io::AsyncWriteExt as _;
+use tokio::{io::AsyncWriteExt as _, task::coop, time::Sleep};
 use trimtab_api::balancer_policy::MetricsSource;
 
 use crate::{
@@ -82,6 +83,13 @@ pub struct Peer {
     /// request. An `ArcSwap`, not a lock: HTTP/2 serves a connection's requests in
     /// parallel, and the request path takes no locks.
     last_host: ArcSwapOption<HostFields>,
+    /// The request timer, kept between the connection's requests. Moving a registered
+    /// timer's deadline later is one atomic operation; a timer per request was put in
+    /// the runtime's timer wheel and taken out of it again, each time under the
+    /// wheel's lock (0.8k of 20k instructions per request). A slot rather than a
+    /// field: HTTP/2 serves a connection's requests in parallel, and a request that
+    /// finds the slot empty makes a timer of its own.
+    timer: ArrayQueue<Pin<Box<Sleep>>>,
 }
 
 /// The fields a request's Host gives it on its way to an endpoint.
@@ -107,7 +115,46 @@ impl Peer {
                 .unwrap_or_else(|_| HeaderValue::from_static("proto=http")),
             forwarded_node,
             last_host: ArcSwapOption::empty(),
+            timer: ArrayQueue::new(1),
         }
+    }
+
+    /// Runs `request` for at most `limit`: `None` when the time ran out first.
+    async fn within<F: Future>(
+        &self,
+        limit: Duration,
+        mut request: Pin<&mut F>,
+    ) -> Option<F::Output> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut timer = match self.timer.pop() {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
+        let outcome = std::future::poll_fn(|cx| {
+            // As `tokio::time::timeout` does: the request first, and the timer even when
+            // the request used up the task's budget, or a request that always does so
+            // would never time out.
+            let had_budget = coop::has_budget_remaining();
+            if let Poll::Ready(output) = request.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            let expired = if had_budget && !coop::has_budget_remaining() {
+                pin!(coop::unconstrained(std::future::poll_fn(|cx| {
+                    timer.as_mut().poll(cx)
+                })))
+                .poll(cx)
+            } else {
+                timer.as_mut().poll(cx)
+            };
+            expired.map(|()| None)
+        })
+        .await;
+        // A full slot holds a parallel request's timer; this one is dropped.
+        let _ = self.timer.push(timer);
+        outcome
     }
 
     /// The fields `host` gives, from the last request's when its Host was the same.
@@ -215,9 +262,8 @@ async fn forward(
 
     let last_tried = AtomicUsize::new(usize::MAX);
     let request_timeout = route.config.timeouts.request.get();
-    // Pinned where it is: `timeout` takes its future by value, and moving this one
-    // (it holds the whole exchange's state) into it was a kilobyte-sized copy per
-    // request.
+    // Pinned where it is: moving this future (it holds the whole exchange's state)
+    // into a timeout was a kilobyte-sized copy per request.
     let mut attempts = pin!(attempt_all(
         &route,
         &parts,
@@ -226,13 +272,13 @@ async fn forward(
         &last_tried
     ));
     let outcome = if request_timeout.is_zero() {
-        Ok(attempts.await)
+        Some(attempts.await)
     } else {
-        tokio::time::timeout(request_timeout, attempts.as_mut()).await
+        peer.within(request_timeout, attempts.as_mut()).await
     };
     let attempt = match outcome {
-        Ok(attempt) => attempt,
-        Err(_) => {
+        Some(attempt) => attempt,
+        None => {
             let index = last_tried.load(Ordering::Relaxed);
             let endpoint = route.endpoints.get(index).map_or_else(
                 || "none".to_owned(),

@@ -232,3 +232,69 @@ async fn a_slow_endpoint_gets_504_after_the_request_timeout() {
         "{body}"
     );
 }
+
+/// Sends a GET on `stream` and reads its whole response (Content-Length framed);
+/// returns the status line's code and the body.
+async fn exchange_on(stream: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: shop\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0_u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert_ne!(n, 0, "closed mid-response");
+        received.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&received).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if body.len() >= length {
+                return (head[9..12].parse().unwrap(), body.to_owned());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_request_timeout_holds_for_each_request_of_a_connection() {
+    let a = backend("a").await;
+    let port = free_port();
+    let mut r = route("r", port, Algorithm::RoundRobin, &[&a]);
+    r.timeouts.request = trimtab_api::Duration::from_millis(300);
+    let _sidecar = sidecar(vec![r]).await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let set_delay = |ms| a.delay_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
+
+    assert_eq!(exchange_on(&mut stream, "/").await.0, 200);
+    // The first request's deadline passes while this one runs: this one has its own.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    set_delay(200);
+    assert_eq!(exchange_on(&mut stream, "/").await.0, 200);
+    // Right after, a request slower than the limit is cut at the limit.
+    set_delay(2_000);
+    let started = std::time::Instant::now();
+    let (status, body) = exchange_on(&mut stream, "/").await;
+    assert_eq!(status, 504, "{body}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(290) && waited < Duration::from_millis(1_500),
+        "cut after {waited:?}"
+    );
+    // After an idle spell longer than the limit, the next request is not cut at once.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    set_delay(100);
+    assert_eq!(exchange_on(&mut stream, "/").await.0, 200);
+}
