@@ -370,8 +370,6 @@ impl Sidecar {
     }
 }
 
-/// Accepts connections on one listener until told to stop; then stops accepting and
-/// asks its open connections to finish gracefully.
 /// Whether the sidecar is stopping, asked on every poll of a connection.
 ///
 /// Not a `select!` over `stop.changed()`: that polled the watch's waiter on each of the
@@ -407,6 +405,8 @@ impl<F: Future> StopSignal<F> {
     }
 }
 
+/// Accepts connections on one listener until told to stop; then stops accepting and
+/// asks its open connections to finish gracefully.
 async fn accept(
     shared: Arc<Shared>,
     http: Arc<auto::Builder<TokioExecutor>>,
