@@ -249,7 +249,8 @@ pub fn parse_response_head(
     buffer: &mut BytesMut,
     request_method: &Method,
 ) -> Result<Option<ResponseHead>, FramingError> {
-    ResponseHeadParser::default().parse(buffer, request_method)
+    // One head only: nothing to remember its names for.
+    parse_head(buffer, request_method, |_, raw| HeaderName::from_bytes(raw))
 }
 
 /// Field names remembered from the responses parsed so far, by position, for an
