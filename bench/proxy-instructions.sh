@@ -17,6 +17,7 @@
 # Everything on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/nginx-proxy.sh
 work=$PWD/target/bench/proxy-instructions
 rm -rf "$work" && mkdir -p "$work/state"
 
@@ -83,20 +84,7 @@ cp "$work/callgrind.trimtab.out" "$work/callgrind.out"
 
 [[ ${PEERS:-0} == 1 ]] || exit 0
 for forwarded in none all; do
-  fields=""
-  if [[ $forwarded == all ]]; then
-    fields='proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $http_host;
-      proxy_set_header Forwarded "for=$remote_addr;host=\"$http_host\";proto=$scheme";'
-  fi
-  cat >"$work/nginx-$forwarded.conf" <<CONF
-worker_processes 1; daemon off; master_process off; pid $work/nginx.pid; error_log $work/nginx.err warn;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
-  server { listen 127.0.0.1:$PROXY;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-      $fields } } }
-CONF
+  nginx_proxy_conf "$work/nginx-$forwarded.conf" "$work" "$PROXY" "$BACKEND" "$forwarded" \
+    "master_process off;"
   measure "nginx-forwarded-$forwarded" nginx -c "$work/nginx-$forwarded.conf" -p "$work"
 done

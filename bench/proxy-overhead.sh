@@ -22,15 +22,13 @@
 # Everything listens on 127.0.0.1 only. Prints a Markdown table for docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/nginx-proxy.sh
 duration=${1:-10s}
 connections=${2:-32}
 forwarded_headers=${FORWARDED_HEADERS:-none}
 case $forwarded_headers in
-  none) nginx_forwarded="" haproxy_forwarded="" ;;
+  none) haproxy_forwarded="" ;;
   all)
-    nginx_forwarded='proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $http_host;
-      proxy_set_header Forwarded "for=$remote_addr;host=\"$http_host\";proto=$scheme";'
     haproxy_forwarded='  option forwardfor
   http-request set-header X-Forwarded-Proto http
   http-request set-header X-Forwarded-Host %[req.hdr(host)]
@@ -68,15 +66,7 @@ EOF
 nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 
 # --- the proxies --------------------------------------------------------------------
-cat >"$work/nginx.conf" <<EOF
-worker_processes 1; daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
-  server { listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";
-      $nginx_forwarded } } }
-EOF
+nginx_proxy_conf "$work/nginx.conf" "$work" "$NGINX" "$BACKEND" "$forwarded_headers"
 nginx -c "$work/nginx.conf" -p "$work" & pids+=($!)
 nginx_pid=$!
 
