@@ -233,39 +233,6 @@ async fn a_slow_endpoint_gets_504_after_the_request_timeout() {
     );
 }
 
-/// Sends a GET on `stream` and reads its whole response (Content-Length framed);
-/// returns the status line's code and the body.
-async fn exchange_on(stream: &mut tokio::net::TcpStream, path: &str) -> (u16, String) {
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: shop\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut received = Vec::new();
-    let mut buf = [0_u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .expect("an answer within 5 s")
-            .unwrap();
-        assert_ne!(n, 0, "closed mid-response");
-        received.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&received).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .expect("a content-length");
-            if body.len() >= length {
-                return (head[9..12].parse().unwrap(), body.to_owned());
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_request_timeout_holds_for_each_request_of_a_connection() {
     let a = backend("a").await;

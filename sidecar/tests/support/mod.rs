@@ -293,6 +293,39 @@ pub async fn raw_exchange(port: u16, raw: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends a GET on `stream` and reads its whole response (Content-Length framed);
+/// returns the status line's code and the body.
+pub async fn exchange_on(stream: &mut TcpStream, path: &str) -> (u16, String) {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: shop\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0_u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        assert_ne!(n, 0, "closed mid-response");
+        received.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&received).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if body.len() >= length {
+                return (head[9..12].parse().unwrap(), body.to_owned());
+            }
+        }
+    }
+}
+
 /// Sends `count` sequential GETs (stopping early after `max_time`) and counts answers
 /// by backend name; returns also the number of non-200 answers.
 pub async fn spread(
