@@ -28,7 +28,7 @@
 
 use std::{
     fmt::Write as _,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::Path,
     sync::Arc,
     time::{Duration, Instant},
@@ -411,10 +411,9 @@ impl Drop for Proxy {
     }
 }
 
-/// A port that was free a moment ago (the config needs a fixed port, not 0).
+/// A port for the sidecar's listener (the config needs a fixed port, not 0).
 fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(listener.local_addr()?.port())
+    trimtab_test_ports::try_free_port().context("cannot find a free port")
 }
 
 /// The route as a BalancerPolicy with static endpoints would give it, with the oracle

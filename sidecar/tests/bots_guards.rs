@@ -12,6 +12,7 @@ use trimtab_sidecar::bots::{
     guard::GuardState,
     run::{Compiled, Run, RunOptions},
 };
+use trimtab_test_ports::free_port;
 
 /// A login-then-browse scenario with `guards` and `workload`.
 fn spec(workload: serde_json::Value, guards: serde_json::Value) -> LoadTestSpec {
@@ -148,14 +149,6 @@ async fn critical_load_stops_every_user_at_once() {
     let requests = shared.recorder.live.requests.load(Relaxed);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(shared.recorder.live.requests.load(Relaxed), requests);
-}
-
-/// A free loopback port (bound, then released for the child to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 async fn scrape(port: u16) -> Option<String> {

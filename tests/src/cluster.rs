@@ -45,7 +45,6 @@
 
 use std::fmt;
 use std::fs::{self, File};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -814,19 +813,11 @@ fn log_tail(log: &Path) -> String {
     }
 }
 
-/// Reserves `N` distinct free loopback ports by binding them all at once, then releases
-/// them for the servers to bind.
+/// `N` distinct free loopback ports for the servers to bind.
 fn free_ports<const N: usize>() -> Result<[u16; N], ClusterError> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(ClusterError::FreePort)?;
     let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener
-            .local_addr()
-            .map_err(ClusterError::FreePort)?
-            .port();
+    for port in &mut ports {
+        *port = trimtab_test_ports::try_free_port().map_err(ClusterError::FreePort)?;
     }
     Ok(ports)
 }

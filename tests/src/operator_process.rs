@@ -2,7 +2,7 @@
 //! cluster, so a test can kill and restart it the way a node failure would.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -93,11 +93,7 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf, String> {
     }
 }
 
-/// A free loopback address (bound and released; good enough for a test's own ports).
-pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-    listener.local_addr().expect("local address")
-}
+pub use trimtab_test_ports::free_addr;
 
 /// A serving certificate for 127.0.0.1 and localhost, written as PEM files.
 #[derive(Debug)]

@@ -58,9 +58,7 @@ impl Prometheus {
     pub async fn start(target: SocketAddr) -> Result<Self, PrometheusError> {
         let binary = std::env::var("TRIMTAB_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
         let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = trimtab_test_ports::try_free_port()?;
         let config = dir.path().join("prometheus.yml");
         std::fs::write(
             &config,

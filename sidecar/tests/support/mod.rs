@@ -187,14 +187,7 @@ pub async fn broken_backend() -> SocketAddr {
     addr
 }
 
-/// A 127.0.0.1 port that nothing listens on (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use trimtab_test_ports::free_port;
 
 /// A route with test-friendly defaults: no retries, fast backoff.
 pub fn route(name: &str, port: u16, algorithm: Algorithm, backends: &[&Backend]) -> Route {
