@@ -359,12 +359,20 @@ impl Sidecar {
                 tracing::info!(local = %handle.local, "listener closed: its route left the config");
             }
         }
-        drop(reloading);
         tracing::info!(version, routes = routes.len(), "config applied");
-        if let Some(dir) = &self.state_dir
-            && let Err(e) = dir.save(&to_save)
-        {
-            tracing::warn!(error = %e, "could not keep the config for fail-static restarts");
+        // Kept after it serves, so that a slow disk never delays a config (weight
+        // updates arrive every few seconds); on a blocking thread, because the fsync can
+        // take long enough under I/O load to stall every connection of a runtime worker;
+        // still under the reload lock, so that an older config never overwrites a newer
+        // one. A restart within this window fails static to the config kept before.
+        if let Some(dir) = self.state_dir.clone() {
+            let saved = match tokio::task::spawn_blocking(move || dir.save(&to_save)).await {
+                Ok(saved) => saved.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(error) = saved {
+                tracing::warn!(%error, "could not keep the config for fail-static restarts");
+            }
         }
         Ok(())
     }

@@ -12,7 +12,6 @@ use std::{
     io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -1017,43 +1016,19 @@ async fn a_certificate_from_another_ca_is_a_tls_error_and_nothing_is_served() {
     );
 }
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_binary(stub: &Stub, token: &Path, state_dir: &Path, admin_port: u16) -> Process {
-    Process(
-        Command::new(env!("CARGO_BIN_EXE_trimtab-sidecar"))
-            .args(["--control-plane", &stub.url()])
-            .args(["--control-plane-ca".as_ref(), stub.ca_file.as_os_str()])
-            .args(["--token-file".as_ref(), token.as_os_str()])
-            .args(["--state-dir".as_ref(), state_dir.as_os_str()])
-            .args([
-                "--admin-address",
-                "127.0.0.1",
-                "--admin-port",
-                &admin_port.to_string(),
-            ])
-            .env("TRIMTAB_LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn wait_ready(admin_port: u16) {
-    let c = client();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&c, admin_port, "/ready").await.0 != 200 {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// The sidecar binary following the stub, keeping its config in `state_dir`.
+fn start_binary(stub: &Stub, token: &Path, state_dir: &Path) -> SidecarProcess {
+    let url = stub.url();
+    SidecarProcess::start(&[
+        "--control-plane".as_ref(),
+        url.as_ref(),
+        "--control-plane-ca".as_ref(),
+        stub.ca_file.as_os_str(),
+        "--token-file".as_ref(),
+        token.as_os_str(),
+        "--state-dir".as_ref(),
+        state_dir.as_os_str(),
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1072,20 +1047,19 @@ async fn restarts_fail_static_from_the_state_dir_while_the_control_plane_is_down
     .await;
     let token = token_file(dir.path(), "t");
     let state = dir.path().join("state");
-    let admin = free_port();
-    let first = start_binary(&stub, &token, &state, admin);
-    wait_ready(admin).await;
+    let mut first = start_binary(&stub, &token, &state);
+    first.ready().await;
     assert_eq!(get(&client(), port, "/").await.1, "a");
+    wait_until_kept(&state, 1).await;
     drop(first);
 
     // The control plane is down: the restarted sidecar serves the kept config.
     stub.stop();
-    let admin = free_port();
-    let _second = start_binary(&stub, &token, &state, admin);
-    wait_ready(admin).await;
+    let mut second = start_binary(&stub, &token, &state);
+    second.ready().await;
     let (status, backend, _) = get(&client(), port, "/").await;
     assert_eq!((status, backend.as_str()), (200, "a"));
-    let (_, _, metrics) = get(&client(), admin, "/metrics").await;
+    let (_, _, metrics) = get(&client(), second.admin_port, "/metrics").await;
     assert!(
         metrics.contains("trimtab_control_plane_connected 0"),
         "{metrics}"
@@ -1111,16 +1085,25 @@ async fn restarts_fail_static_from_the_state_dir_while_the_control_plane_is_down
     };
     assert_eq!(resync.as_deref(), Some("\"trimtab-kept-v1\""));
     assert_eq!(held, Some(1));
-    let (_, _, metrics) = get(&client(), admin, "/metrics").await;
-    for expected in [
+    // The update is counted once its apply returns, after the config is kept on disk:
+    // a moment after it serves.
+    let expected = [
         "trimtab_control_plane_connected 1",
         "trimtab_control_plane_config_updates_total{result=\"applied\"} 1",
         "trimtab_config_version 2",
-    ] {
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, metrics) = get(&c, second.admin_port, "/metrics").await;
+        let missing: Vec<_> = expected.iter().filter(|e| !metrics.contains(*e)).collect();
+        if missing.is_empty() {
+            break;
+        }
         assert!(
-            metrics.contains(expected),
-            "missing {expected} in\n{metrics}"
+            Instant::now() < deadline,
+            "missing {missing:?} in\n{metrics}"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -1214,10 +1197,13 @@ async fn posts_load_reports_with_the_orca_numbers_the_backends_sent() {
             "{report:?}"
         );
     }
-    assert_eq!(
-        f.metric(|m| m.load_reports.with_label_values(&["sent"]).get()),
-        reports.len() as u64
-    );
+    // A report counts as sent once its answer is back, just after the stub has it.
+    eventually(
+        "every report counted as sent",
+        Duration::from_secs(5),
+        || f.metric(|m| m.load_reports.with_label_values(&["sent"]).get()) == reports.len() as u64,
+    )
+    .await;
 
     // Quiet windows are not posted.
     tokio::time::sleep(Duration::from_millis(1000)).await;

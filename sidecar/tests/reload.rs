@@ -6,7 +6,6 @@ mod support;
 
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -149,44 +148,14 @@ async fn refuses_an_invalid_reload_and_keeps_serving_the_old_config() {
     assert_eq!(get(&client(), port, "/").await.0, 200);
 }
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_binary(policy: &Path, state_dir: &Path, admin_port: u16) -> Process {
-    Process(
-        Command::new(env!("CARGO_BIN_EXE_trimtab-sidecar"))
-            .args(["--policy".as_ref(), policy.as_os_str()])
-            .args(["--state-dir".as_ref(), state_dir.as_os_str()])
-            .args([
-                "--admin-address",
-                "127.0.0.1",
-                "--admin-port",
-                &admin_port.to_string(),
-            ])
-            .env("TRIMTAB_LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn wait_ready(admin_port: u16) {
-    let c = client();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if get(&c, admin_port, "/ready").await.0 == 200 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// The sidecar binary serving the policy file, keeping its config in `state_dir`.
+fn start_binary(policy: &Path, state_dir: &Path) -> SidecarProcess {
+    SidecarProcess::start(&[
+        "--policy".as_ref(),
+        policy.as_os_str(),
+        "--state-dir".as_ref(),
+        state_dir.as_os_str(),
+    ])
 }
 
 #[tokio::test]
@@ -197,20 +166,19 @@ async fn restarts_fail_static_from_the_state_dir_when_no_policy_loads() {
     let file = dir.path().join("policy.yaml");
     let state = dir.path().join("state");
     replace(&file, &policy("r", port, "roundRobin", &[&a]));
-    let admin = free_port();
-    let first = start_binary(&file, &state, admin);
-    wait_ready(admin).await;
+    let mut first = start_binary(&file, &state);
+    first.ready().await;
     assert_eq!(get(&client(), port, "/").await.1, "a");
+    wait_until_kept(&state, 1).await;
     drop(first);
 
     // The policy file is gone: the restarted sidecar serves the kept config.
     std::fs::remove_file(&file).unwrap();
-    let admin = free_port();
-    let _second = start_binary(&file, &state, admin);
-    wait_ready(admin).await;
+    let mut second = start_binary(&file, &state);
+    second.ready().await;
     let (status, backend, _) = get(&client(), port, "/").await;
     assert_eq!((status, backend.as_str()), (200, "a"));
-    let (_, _, config) = get(&client(), admin, "/config").await;
+    let (_, _, config) = get(&client(), second.admin_port, "/config").await;
     assert!(config.contains(&a.address()), "{config}");
 }
 
@@ -221,9 +189,9 @@ async fn admin_port_serves_metrics_liveness_and_readiness() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policy.yaml");
     replace(&file, &policy("r", port, "roundRobin", &[&a]));
-    let admin = free_port();
-    let _p = start_binary(&file, &dir.path().join("state"), admin);
-    wait_ready(admin).await;
+    let mut sidecar = start_binary(&file, &dir.path().join("state"));
+    sidecar.ready().await;
+    let admin = sidecar.admin_port;
     let c = client();
     assert_eq!(get(&c, admin, "/live").await.0, 200);
     for _ in 0..3 {

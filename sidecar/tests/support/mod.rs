@@ -5,7 +5,10 @@
 pub mod llm;
 
 use std::{
+    ffi::OsStr,
     net::SocketAddr,
+    path::Path,
+    process::{Child, Command},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering},
@@ -188,6 +191,85 @@ pub async fn broken_backend() -> SocketAddr {
 }
 
 pub use trimtab_test_ports::free_port;
+
+/// The `trimtab-sidecar` binary as a child process, its admin port on 127.0.0.1 and its
+/// log in a file that a test failing to see it ready shows: a bare "never ready" had
+/// left a flaky test unexplained.
+pub struct SidecarProcess {
+    child: Child,
+    pub admin_port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl SidecarProcess {
+    /// Starts the binary with `args` and a free admin port; killed when dropped.
+    pub fn start<S: AsRef<OsStr>>(args: &[S]) -> Self {
+        let admin_port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        // The log goes to stdout, errors from argument parsing to stderr: both appended.
+        let append = || {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(log.path())
+                .unwrap()
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_trimtab-sidecar"))
+            .args(args)
+            .args(["--admin-address", "127.0.0.1", "--admin-port"])
+            .arg(admin_port.to_string())
+            .env("TRIMTAB_LOG_LEVEL", "info")
+            .stdout(append())
+            .stderr(append())
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            admin_port,
+            log,
+        }
+    }
+
+    /// Waits up to 10 s for `/ready` to answer 200; else panics with the exit status,
+    /// if any, and the log.
+    pub async fn ready(&mut self) {
+        let c = client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get(&c, self.admin_port, "/ready").await.0 != 200 {
+            if Instant::now() >= deadline {
+                let status = self.child.try_wait().unwrap();
+                let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+                panic!("the sidecar never became ready (exited: {status:?}); its log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Waits up to 10 s until `state_dir` keeps the config of `version`. The sidecar keeps
+/// a config just after it starts serving it, so a test that restarts one must wait.
+pub async fn wait_until_kept(state_dir: &Path, version: u64) {
+    let dir = trimtab_sidecar::config_source::StateDir::new(state_dir.to_path_buf());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let kept = dir.load().ok().flatten().map(|config| config.version);
+        if kept == Some(version) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "version {version} was never kept in {}: {kept:?}",
+            state_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// A route with test-friendly defaults: no retries, fast backoff.
 pub fn route(name: &str, port: u16, algorithm: Algorithm, backends: &[&Backend]) -> Route {
