@@ -742,6 +742,7 @@ async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() 
     std::fs::write(&token_file, token(&client, Some(&web), "trimtab").await).expect("token");
     let admin_port = free_addr().port();
     let sidecar_log = cluster.dir().join("sidecar.log");
+    let log_file = std::fs::File::create(&sidecar_log).expect("log");
     let binary =
         trimtab_tests::operator_process::workspace_binary("trimtab-sidecar", "trimtab-sidecar")
             .expect("sidecar binary");
@@ -763,8 +764,9 @@ async fn a_real_sidecar_follows_the_weights_survives_the_operator_and_resyncs() 
             &admin_port.to_string(),
         ])
         .env("TRIMTAB_LOG_LEVEL", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&sidecar_log).expect("log"))
+        // The log goes to stdout; errors before it starts, to stderr.
+        .stdout(log_file.try_clone().expect("log"))
+        .stderr(log_file)
         .kill_on_drop(true)
         .spawn()
         .expect("sidecar starts");
