@@ -6,12 +6,17 @@
 #   bench/proxy-instructions.sh [SIDECAR_BINARY]      (default: target/release/trimtab-sidecar)
 #   PEERS=1 bench/proxy-instructions.sh ...           (nginx too, with and without the
 #                                                      forwarding fields trimtab adds)
+#   CACHE_SIM=1 bench/proxy-instructions.sh ...       (also simulated cache misses and
+#                                                      branch mispredictions per request)
 #
 # The same backend and policy as bench/proxy-overhead.sh (nginx returning a 3-byte body,
 # roundRobin over one endpoint, one worker). Each proxy runs under
 # `valgrind --tool=callgrind` with instrumentation off until it has answered once, then
 # `wrk -t1 -c8 -d15s` drives it; instructions ÷ requests wrk completed is printed.
 # nginx runs with `master_process off`, so that the measured process is its worker.
+# CACHE_SIM=1 adds callgrind's cache and branch simulation (its default model: 32 KB
+# L1 caches, the host's last level), which explains what instruction counts cannot:
+# two proxies with equal counts can spend different time in them.
 # HAProxy is not measured: it does not answer under valgrind. Kernel time is not
 # counted: the proxies make the same system calls per request (docs/benchmarks.md).
 # Everything on 127.0.0.1.
@@ -33,6 +38,8 @@ else
 fi
 
 BACKEND=18190 PROXY=18191 ADMIN=18192
+simulate=()
+[[ ${CACHE_SIM:-0} == 1 ]] && simulate=(--cache-sim=yes --branch-sim=yes)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -50,7 +57,7 @@ nginx -c "$work/backend.conf" -p "$work" & pids+=($!)
 measure() {
   local name=$1 out="$work/callgrind.$1.out"
   shift
-  valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" "$@" \
+  valgrind --tool=callgrind "${simulate[@]}" --instr-atstart=no --callgrind-out-file="$out" "$@" \
     >"$work/$name.log" 2>&1 &
   local pid=$!
   # Under valgrind a proxy starts slowly: up to a minute for its first answer.
@@ -65,6 +72,11 @@ measure() {
     sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,)
   [[ -n $requests && $requests -gt 0 && -n $instructions ]] || { echo "no measurement of $name (see $work)" >&2; exit 1; }
   echo "$name: $requests requests, $instructions instructions, $((instructions / requests)) per request"
+  [[ ${CACHE_SIM:-0} == 1 ]] || return 0
+  # The totals line, in --show's order; a count of zero is printed without a share.
+  callgrind_annotate --show=I1mr,D1mr,D1mw,Bcm,Bim "$out" 2>/dev/null |
+    sed -n 's/^\(.*\)PROGRAM TOTALS.*/\1/p' | sed 's/([^)]*)//g; s/,//g' |
+    awk -v n="$requests" -v name="$name" '{ printf "%s per request: I1 misses %.0f, D1 read misses %.0f, D1 write misses %.0f, mispredicted branches %.0f conditional + %.0f indirect\n", name, $1/n, $2/n, $3/n, $4/n, $5/n }'
 }
 
 cat >"$work/policy.yaml" <<CONF
