@@ -245,6 +245,13 @@ impl SidecarProcess {
     }
 }
 
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Waits up to 10 s until `state_dir` keeps the config of `version`. The sidecar keeps
 /// a config just after it starts serving it, so a test that restarts one must wait.
 pub async fn wait_until_kept(state_dir: &Path, version: u64) {
@@ -261,13 +268,6 @@ pub async fn wait_until_kept(state_dir: &Path, version: u64) {
             state_dir.display()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-impl Drop for SidecarProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
