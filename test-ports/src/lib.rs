@@ -26,8 +26,9 @@ const POOL_START: u16 = 20_000;
 const DEFAULT_EPHEMERAL_START: u16 = 32_768;
 
 /// A port on 127.0.0.1 that nothing was bound to when asked, and that no other call in
-/// this process gets (until all of the pool's 12,000-odd ports have been handed out). Panics, naming the range, when the range is exhausted: tests
-/// cannot go on without their ports.
+/// this process gets until the whole pool (12,768 ports with Linux's default range) has
+/// been handed out. Panics, naming the range, when the range is exhausted: tests cannot
+/// go on without their ports.
 pub fn free_port() -> u16 {
     try_free_port().unwrap_or_else(|e| panic!("no free loopback port for a test: {e}"))
 }
@@ -40,10 +41,10 @@ pub fn free_addr() -> SocketAddr {
 /// [`free_port`], with exhaustion as an error for callers that report their own.
 pub fn try_free_port() -> std::io::Result<u16> {
     let pool = pool();
-    let width = usize::from(pool.end - pool.start);
+    let width = usize::from(pool.end - POOL_START);
     for _ in 0..width {
         let step = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = pool.start + ((pool.offset + step) % width) as u16;
+        let port = POOL_START + ((pool.offset + step) % width) as u16;
         if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
             return Ok(port);
         }
@@ -51,8 +52,8 @@ pub fn try_free_port() -> std::io::Result<u16> {
     Err(std::io::Error::new(
         std::io::ErrorKind::AddrInUse,
         format!(
-            "every port in {}..{} is in use or already handed out",
-            pool.start, pool.end
+            "every port in {POOL_START}..{} is in use or already handed out",
+            pool.end
         ),
     ))
 }
@@ -60,8 +61,8 @@ pub fn try_free_port() -> std::io::Result<u16> {
 /// How many ports this process has handed out or stepped over.
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// The ports from [`POOL_START`] up to `end`.
 struct Pool {
-    start: u16,
     end: u16,
     /// Where this process starts in the pool.
     offset: usize,
@@ -81,11 +82,7 @@ fn pool() -> &'static Pool {
             .wrapping_mul(7_919)
             .wrapping_add(nanos)
             % width;
-        Pool {
-            start: POOL_START,
-            end,
-            offset,
-        }
+        Pool { end, offset }
     })
 }
 
@@ -107,7 +104,7 @@ mod tests {
         let ports: Vec<u16> = (0..500).map(|_| free_port()).collect();
         assert_eq!(ports.iter().collect::<HashSet<_>>().len(), ports.len());
         let pool = pool();
-        assert!(ports.iter().all(|p| (pool.start..pool.end).contains(p)));
+        assert!(ports.iter().all(|p| (POOL_START..pool.end).contains(p)));
         assert!(pool.end <= ephemeral_start().max(POOL_START + 1_000));
     }
 }
