@@ -142,7 +142,6 @@ EOF
 "${servers_cpu[@]}" "$sidecar_bin" --worker-threads 1 --policy "$work/policy.yaml" --admin-port "$ADMIN" --state-dir "$work/state" \
   >"$work/sidecar.log" 2>&1 & pids+=($!)
 sidecar_pid=$!
-names=(direct trimtab nginx haproxy envoy)
 targets=(direct:$BACKEND trimtab:$TRIMTAB nginx:$NGINX haproxy:$HAPROXY envoy:$ENVOY)
 compare_pid=""
 if [[ -n ${COMPARE:-} ]]; then
@@ -151,7 +150,7 @@ if [[ -n ${COMPARE:-} ]]; then
   "${servers_cpu[@]}" "$COMPARE" --worker-threads 1 --policy "$work/policy-b.yaml" --admin-port "$ADMIN_B" \
     --state-dir "$work/state-b" >"$work/sidecar-b.log" 2>&1 & pids+=($!)
   compare_pid=$!
-  names+=(trimtab-b) targets+=(trimtab-b:$TRIMTAB_B)
+  targets+=(trimtab-b:$TRIMTAB_B)
 fi
 
 for target in "${targets[@]}"; do
@@ -219,7 +218,8 @@ echo "wrk -t1 -c$connections -d$duration, one worker thread per proxy, $( [[ ${P
 echo
 echo "| path | requests/s | p50 ms | p99 ms | throughput ÷ nginx | throughput ÷ HAProxy | p99 ÷ nginx | proxy CPU µs/request | of which user | CPU ÷ nginx | CPU ÷ HAProxy |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-for name in "${names[@]}"; do
+for target in "${targets[@]}"; do
+  name=${target%%:*}
   read -r rps p50 p99 cpu user <<<"${result[$name]}"
   awk -v n="$name" -v r="$rps" -v a="$p50" -v b="$p99" -v nr="$n_rps" -v hr="$h_rps" -v np="$n_p99" \
     -v c="$cpu" -v u="$user" -v nc="$n_cpu" -v hc="$h_cpu" \
