@@ -21,9 +21,10 @@ use trimtab_sidecar::{
 
 /// mimalloc rather than glibc malloc: a proxied request allocates and frees a few dozen
 /// small buffers (headers, URIs, body frames), and glibc's free lists were ~6% of the
-/// proxy's CPU under load (see docs/benchmarks.md, "Sidecar proxy overhead").
+/// proxy's CPU under load (see docs/benchmarks.md, "Sidecar proxy overhead"). Called
+/// through `trimtab_allocator`, which keeps plain allocations off mimalloc's aligned path.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: trimtab_allocator::Allocator = trimtab_allocator::Allocator;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
