@@ -20,16 +20,23 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    task::Poll,
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
+use hyper::{
+    server::conn::{http1, http2},
+    service::service_fn,
+};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use trimtab_api::sidecar_config::{ConfigError, SidecarConfig};
 
 use crate::{
@@ -144,7 +151,7 @@ struct Reloading {
 pub struct Sidecar {
     shared: Arc<Shared>,
     options: Options,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<HttpServers>,
     /// Held only while a config is applied, never on the request path.
     reloading: tokio::sync::Mutex<Reloading>,
     state_dir: Option<StateDir>,
@@ -162,13 +169,7 @@ impl std::fmt::Debug for Sidecar {
 impl Sidecar {
     /// A sidecar serving nothing yet.
     pub fn new(options: Options, metrics: Metrics) -> Arc<Self> {
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        // hyper answers 431 when the request head exceeds its read buffer, and 400 for
-        // a head it cannot parse. (hyper requires at least 8 KiB.)
-        http.http1()
-            .max_buf_size(options.max_header_bytes.max(8192));
-        http.http2()
-            .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX));
+        let http = HttpServers::new(options.max_header_bytes);
         Arc::new(Self {
             shared: Arc::new(Shared {
                 snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -417,7 +418,7 @@ impl<F: Future> StopSignal<F> {
 /// asks its open connections to finish gracefully.
 async fn accept(
     shared: Arc<Shared>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: Arc<HttpServers>,
     listener: TcpListener,
     port: u16,
     mut stop: watch::Receiver<bool>,
@@ -453,19 +454,161 @@ async fn accept(
                     }
                 }
             });
-            let mut connection =
-                pin!(http.serve_connection_with_upgrades(TokioIo::new(stream), service));
-            let mut stop = StopSignal::new(stop.clone(), stop.changed());
-            let result = std::future::poll_fn(|cx| {
-                if stop.poll_stop(cx) {
-                    connection.as_mut().graceful_shutdown();
+            let Some(protocol) = HttpServers::protocol(&stream, &mut stop).await else {
+                return;
+            };
+            let io = TokioIo::new(stream);
+            let stop = StopSignal::new(stop.clone(), stop.changed());
+            let result = match protocol {
+                Protocol::Http1 => {
+                    let connection = pin!(http.http1.serve_connection(io, service).with_upgrades());
+                    until_stopped(connection, |c| c.graceful_shutdown(), stop)
+                        .await
+                        .map_err(|e| e.to_string())
                 }
-                connection.as_mut().poll(cx)
-            })
-            .await;
-            if let Err(e) = result {
-                tracing::debug!(port, %peer, error = %e, "connection ended with an error");
+                Protocol::H2c => {
+                    let connection = pin!(http.http2.serve_connection(io, service));
+                    until_stopped(connection, |c| c.graceful_shutdown(), stop)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                Protocol::Undecided => {
+                    let connection = pin!(http.auto.serve_connection_with_upgrades(io, service));
+                    until_stopped(connection, |c| c.graceful_shutdown(), stop)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(port, %peer, %error, "connection ended with an error");
             }
         });
+    }
+}
+
+/// hyper's servers for a listener's connections, configured once.
+///
+/// A connection's first bytes choose the server: HTTP/1.1 goes straight to hyper's
+/// HTTP/1 server, h2c (prior knowledge) to its HTTP/2 server. hyper-util's `auto`
+/// server makes the same choice, but it reads those bytes and hands them back through
+/// a wrapper that then sits under every read for the connection's whole life. A peek
+/// leaves them in the socket. `auto` still serves a connection whose first segment is
+/// too short to tell.
+struct HttpServers {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+impl HttpServers {
+    fn new(max_header_bytes: usize) -> Self {
+        // hyper answers 431 when the request head exceeds its read buffer, and 400 for
+        // a head it cannot parse. (hyper requires at least 8 KiB.)
+        let read_buffer = max_header_bytes.max(8192);
+        let header_list = u32::try_from(max_header_bytes).unwrap_or(u32::MAX);
+        let mut http1 = http1::Builder::new();
+        http1.max_buf_size(read_buffer);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.max_header_list_size(header_list);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().max_buf_size(read_buffer);
+        auto.http2().max_header_list_size(header_list);
+        Self { http1, http2, auto }
+    }
+
+    /// What `stream`'s first bytes say it speaks: `None` when it closes (or `stop`
+    /// changes) before sending any.
+    async fn protocol(stream: &TcpStream, stop: &mut watch::Receiver<bool>) -> Option<Protocol> {
+        let mut first = [0; H2_PREFACE_START.len()];
+        let peeked = tokio::select! {
+            peeked = stream.peek(&mut first) => peeked,
+            // A connection that has sent nothing yet has nothing to finish.
+            _ = stop.changed() => return None,
+        };
+        match peeked {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(Protocol::of(&first[..n])),
+        }
+    }
+}
+
+/// A connection polled to its end, asked once to shut down gracefully when the
+/// sidecar stops it. (A future of its own rather than an `async fn`: generic over
+/// hyper's connection types, an `async fn` trips rustc's `Send` inference for the
+/// spawned task.)
+struct UntilStopped<'a, C, F> {
+    connection: Pin<&'a mut C>,
+    shutdown: fn(Pin<&mut C>),
+    stop: StopSignal<F>,
+}
+
+fn until_stopped<C, F>(
+    connection: Pin<&mut C>,
+    shutdown: fn(Pin<&mut C>),
+    stop: StopSignal<F>,
+) -> UntilStopped<'_, C, F> {
+    UntilStopped {
+        connection,
+        shutdown,
+        stop,
+    }
+}
+
+impl<C: Future, F: Future> Future for UntilStopped<'_, C, F> {
+    type Output = C::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<C::Output> {
+        let this = &mut *self;
+        if this.stop.poll_stop(cx) {
+            (this.shutdown)(this.connection.as_mut());
+        }
+        this.connection.as_mut().poll(cx)
+    }
+}
+
+/// The start of the HTTP/2 connection preface (RFC 9113 §3.4). Its first word is the
+/// method `PRI`, registered so that no HTTP/1 request starts this way.
+const H2_PREFACE_START: &[u8; 4] = b"PRI ";
+
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    H2c,
+    /// Fewer bytes than it takes to tell, all of them the preface's.
+    Undecided,
+}
+
+impl Protocol {
+    fn of(first: &[u8]) -> Self {
+        let seen = first.len().min(H2_PREFACE_START.len());
+        if first[..seen] != H2_PREFACE_START[..seen] {
+            Self::Http1
+        } else if seen == H2_PREFACE_START.len() {
+            Self::H2c
+        } else {
+            Self::Undecided
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_bytes_tell_http1_from_h2c() {
+        assert_eq!(Protocol::of(b"GET / HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(Protocol::of(b"PUT"), Protocol::Http1);
+        assert_eq!(Protocol::of(b"G"), Protocol::Http1);
+        assert_eq!(
+            Protocol::of(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Protocol::H2c
+        );
+        assert_eq!(Protocol::of(b"PRI "), Protocol::H2c);
+        // `P` could still be POST, PUT, PATCH or the preface.
+        assert_eq!(Protocol::of(b"P"), Protocol::Undecided);
+        assert_eq!(Protocol::of(b"PRI"), Protocol::Undecided);
+        assert_eq!(Protocol::of(b"PRIX"), Protocol::Http1);
     }
 }

@@ -202,6 +202,34 @@ async fn h2c_requests_are_forwarded_too() {
     assert_eq!((status, backend.as_str()), (200, "a"));
 }
 
+/// The listener tells HTTP/1.1 from h2c by the connection's first bytes; a client
+/// whose first segment is a lone `P` (POST, PUT or the h2c preface?) is still served,
+/// and so are an upgrade and an h2c client after it on the same listener.
+#[tokio::test]
+async fn a_request_that_arrives_a_byte_at_first_is_still_served() {
+    let a = backend("a").await;
+    let port = free_port();
+    let _sidecar = sidecar(vec![route("r", port, Algorithm::RoundRobin, &[&a])]).await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream
+        .write_all(b"OST /orders HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("a got 3 bytes"), "{response}");
+}
+
 #[tokio::test]
 async fn a_port_without_route_is_not_listened_on() {
     let a = backend("a").await;
