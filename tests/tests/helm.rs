@@ -1891,20 +1891,36 @@ fn dashboard_charts_only_metrics_the_code_exports() {
 #[test]
 fn containerfiles_build_release_binaries_on_a_minimal_base_as_a_numeric_non_root_user() {
     let root = crds::repo_root();
-    for (file, base, binaries) in [
+    // The sidecar image's build stage runs the profile-guided build script, which
+    // holds the cargo invocations.
+    for (file, base, binaries, build_script) in [
         (
             "operator/Containerfile",
             "gcr.io/distroless/static-debian12:nonroot",
             &["trimtab-operator"][..],
+            None,
         ),
         (
             "sidecar/Containerfile",
             "gcr.io/distroless/cc-debian12:nonroot",
             &["trimtab-sidecar", "trimtab-bots"][..],
+            Some("sidecar/pgo-build.sh"),
         ),
     ] {
-        let text =
-            fs::read_to_string(root.join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"));
+        let read = |file: &str| {
+            fs::read_to_string(root.join(file)).unwrap_or_else(|e| panic!("reading {file}: {e}"))
+        };
+        let text = read(file);
+        let build = match build_script {
+            Some(script) => {
+                assert!(
+                    text.contains(&format!("{script} /out")),
+                    "{file}: builds with {script} into /out"
+                );
+                read(script)
+            }
+            None => text.clone(),
+        };
         let instructions: Vec<&str> = text
             .lines()
             .map(str::trim)
@@ -1937,12 +1953,12 @@ fn containerfiles_build_release_binaries_on_a_minimal_base_as_a_numeric_non_root
             "{file}: a numeric non-root USER, so runAsNonRoot can verify it"
         );
         assert!(
-            text.contains("cargo build --release --locked"),
+            build.contains("cargo build --release --locked"),
             "{file}: a locked release build"
         );
         for binary in binaries {
             assert!(
-                text.contains(&format!("--bin {binary}"))
+                build.contains(&format!("--bin {binary}"))
                     && text.contains(&format!("/out/{binary}")),
                 "{file}: builds and ships {binary}"
             );
