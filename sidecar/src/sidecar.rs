@@ -454,7 +454,7 @@ async fn accept(
                     }
                 }
             });
-            let Some(protocol) = HttpServers::protocol(&stream, &mut stop).await else {
+            let Some(protocol) = Protocol::peek(&stream, &mut stop).await else {
                 return;
             };
             let io = TokioIo::new(stream);
@@ -515,21 +515,6 @@ impl HttpServers {
         auto.http2().max_header_list_size(header_list);
         Self { http1, http2, auto }
     }
-
-    /// What `stream`'s first bytes say it speaks: `None` when it closes (or `stop`
-    /// changes) before sending any.
-    async fn protocol(stream: &TcpStream, stop: &mut watch::Receiver<bool>) -> Option<Protocol> {
-        let mut first = [0; H2_PREFACE_START.len()];
-        let peeked = tokio::select! {
-            peeked = stream.peek(&mut first) => peeked,
-            // A connection that has sent nothing yet has nothing to finish.
-            _ = stop.changed() => return None,
-        };
-        match peeked {
-            Ok(0) | Err(_) => None,
-            Ok(n) => Some(Protocol::of(&first[..n])),
-        }
-    }
 }
 
 /// A connection polled to its end, asked once to shut down gracefully when the
@@ -580,6 +565,21 @@ enum Protocol {
 }
 
 impl Protocol {
+    /// What `stream`'s first bytes say it speaks, without taking them from the socket:
+    /// `None` when it closes (or `stop` changes) before sending any.
+    async fn peek(stream: &TcpStream, stop: &mut watch::Receiver<bool>) -> Option<Self> {
+        let mut first = [0; H2_PREFACE_START.len()];
+        let peeked = tokio::select! {
+            peeked = stream.peek(&mut first) => peeked,
+            // A connection that has sent nothing yet has nothing to finish.
+            _ = stop.changed() => return None,
+        };
+        match peeked {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(Self::of(&first[..n])),
+        }
+    }
+
     fn of(first: &[u8]) -> Self {
         let seen = first.len().min(H2_PREFACE_START.len());
         if first[..seen] != H2_PREFACE_START[..seen] {
