@@ -5,10 +5,10 @@
 //! `mi_malloc_aligned`, even when the alignment is the 8 or 16 bytes every mimalloc
 //! block has anyway. In mimalloc 3 that call takes a fast path only while the size
 //! class's page has a free block at hand; otherwise, for any size whose block is not
-//! a power of two (a 336-byte future, a 280-byte header table), it falls back to
-//! over-allocating: a bigger block from another size class, found the slow way. The
-//! proxy hit that fallback about 1.4 times per request (callgrind, `bench/proxy-instructions.sh`;
-//! upstream: purpleprotocol/mimalloc_rust#170, microsoft/mimalloc#889).
+//! a power of two (336 or 280 bytes, say), it falls back to over-allocating: a bigger
+//! block from another size class, found the slow way. The proxy hit that fallback
+//! about 1.4 times per request (callgrind, `bench/proxy-instructions.sh`; upstream:
+//! purpleprotocol/mimalloc_rust#170, microsoft/mimalloc#889).
 //!
 //! Here a layout whose alignment every block of its size already has goes to plain
 //! `mi_malloc`, `mi_zalloc` and `mi_realloc`, as Rust's own `System` allocator does
